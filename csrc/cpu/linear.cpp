@@ -1,0 +1,213 @@
+// CPU kernels for Linear per-example gradient norms (outer / Gram / direct) and the fused
+// weight gradient. Examples are split over threads with at::parallel_for; each thread reuses
+// its own workspaces, so no B x d_out x d_in tensor is ever formed.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../linear_common.h"
+
+namespace gradstats {
+namespace {
+
+// A per-thread scratch buffer that only grows, so repeated calls allocate nothing.
+at::Tensor scratch(int slot, at::IntArrayRef shape, at::ScalarType dtype) {
+  thread_local std::vector<at::Tensor> buffers;
+  if (buffers.size() <= size_t(slot)) buffers.resize(slot + 1);
+  at::Tensor& buf = buffers[slot];
+  int64_t numel = 1;
+  for (auto s : shape) numel *= s;
+  if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < numel) {
+    buf = at::empty({numel}, at::TensorOptions().dtype(dtype));
+  }
+  return buf.narrow(0, 0, numel).view(shape);
+}
+
+template <typename scalar_t>
+double dot(const scalar_t* x, const scalar_t* y, int64_t n) {
+  double acc = 0.0;
+  for (int64_t k = 0; k < n; ++k) acc += double(x[k]) * double(y[k]);
+  return acc;
+}
+
+// w += m elementwise; returns sum m^2 (in double), reading m once.
+template <typename scalar_t>
+double add_and_sumsq(scalar_t* w, const scalar_t* m, int64_t n) {
+  double acc = 0.0;
+  for (int64_t k = 0; k < n; ++k) {
+    const scalar_t v = m[k];
+    acc += double(v) * double(v);
+    w[k] += v;
+  }
+  return acc;
+}
+
+struct Prepared {
+  LinearShape s;
+  at::Tensor A, G;  // [B, T, d] contiguous in the compute dtype
+};
+
+Prepared prepare(const at::Tensor& A, const at::Tensor& G, const char* op) {
+  LinearShape s = check_linear_inputs(A, G, op);
+  const auto dt = norm_dtype(A, G);
+  return {s, A.to(dt).reshape({s.B, s.T, s.d_in}).contiguous(),
+          G.to(dt).reshape({s.B, s.T, s.d_out}).contiguous()};
+}
+
+// out[i] = |a_i|^2 |g_i|^2 for T == 1.
+at::Tensor outer_norms(const Prepared& p) {
+  auto out = at::empty({p.s.B}, p.A.options());
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_outer", [&] {
+    const scalar_t* a = p.A.const_data_ptr<scalar_t>();
+    const scalar_t* g = p.G.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t di = p.s.d_in, dout = p.s.d_out;
+    at::parallel_for(0, p.s.B, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        o[i] = scalar_t(dot(a + i * di, a + i * di, di) * dot(g + i * dout, g + i * dout, dout));
+      }
+    });
+  });
+  return out;
+}
+
+// out[i] = sum_{t,s} (a_t . a_s)(g_t . g_s)
+at::Tensor gram_norms(const Prepared& p) {
+  auto out = at::empty({p.s.B}, p.A.options());
+  const int64_t T = p.s.T;
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_gram", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, p.s.B, 1, [&](int64_t b, int64_t e) {
+      at::Tensor ka = scratch(0, {T, T}, p.A.scalar_type());
+      at::Tensor kg = scratch(1, {T, T}, p.A.scalar_type());
+      for (int64_t i = b; i < e; ++i) {
+        at::mm_out(ka, p.A[i], p.A[i].t());
+        at::mm_out(kg, p.G[i], p.G[i].t());
+        o[i] = scalar_t(dot(ka.const_data_ptr<scalar_t>(), kg.const_data_ptr<scalar_t>(), T * T));
+      }
+    });
+  });
+  return out;
+}
+
+// out[i] = |G_i^T A_i|_F^2, one [d_out, d_in] tile per example in a per-thread workspace.
+at::Tensor direct_norms(const Prepared& p) {
+  auto out = at::empty({p.s.B}, p.A.options());
+  const int64_t di = p.s.d_in, dout = p.s.d_out;
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_direct", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, p.s.B, 1, [&](int64_t b, int64_t e) {
+      at::Tensor m = scratch(2, {dout, di}, p.A.scalar_type());
+      for (int64_t i = b; i < e; ++i) {
+        at::mm_out(m, p.G[i].t(), p.A[i]);
+        const scalar_t* mp = m.const_data_ptr<scalar_t>();
+        o[i] = scalar_t(dot(mp, mp, dout * di));
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor weight_norms(const Prepared& p, Strategy st) {
+  switch (st) {
+    case Strategy::Outer: return outer_norms(p);
+    case Strategy::Gram: return gram_norms(p);
+    default: return direct_norms(p);
+  }
+}
+
+// Per-example bias gradients sum_t g_t [B, d_out] and their squared norms [B].
+std::tuple<at::Tensor, at::Tensor> bias_grads(const Prepared& p) {
+  at::Tensor gb = p.s.T == 1 ? p.G.select(1, 0) : p.G.sum(1);
+  at::Tensor nb = at::empty({p.s.B}, p.G.options());
+  const int64_t dout = p.s.d_out;
+  AT_DISPATCH_FLOATING_TYPES(p.G.scalar_type(), "gradstats_bias", [&] {
+    const scalar_t* g = gb.const_data_ptr<scalar_t>();
+    scalar_t* o = nb.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, p.s.B, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) o[i] = scalar_t(dot(g + i * dout, g + i * dout, dout));
+    });
+  });
+  return {gb, nb};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_norms_cpu(const at::Tensor& A, const at::Tensor& G,
+                                                    c10::string_view strategy) {
+  Prepared p = prepare(A, G, "linear_norms");
+  Strategy st = resolve_strategy(strategy, p.s, /*cuda=*/false, "linear_norms");
+  return {weight_norms(p, st), std::get<1>(bias_grads(p))};
+}
+
+// dW and the norms in one pass: each thread forms an example's tile G_i^T A_i, squares it and
+// adds it into its own partial dW while the tile is hot in cache; partials are summed at the end.
+std::tuple<at::Tensor, at::Tensor> fused_direct(const Prepared& p) {
+  const int64_t di = p.s.d_in, dout = p.s.d_out, B = p.s.B;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  thread_local std::vector<at::Tensor> partials;  // owned by the calling thread, reused
+  if (int64_t(partials.size()) < chunks) partials.resize(chunks);
+  const auto dt = p.A.scalar_type();
+  at::Tensor dW = at::empty({dout, di}, p.A.options());
+  for (int64_t c = 1; c < chunks; ++c) {
+    if (!partials[c].defined() || partials[c].scalar_type() != dt ||
+        partials[c].numel() < dout * di)
+      partials[c] = at::empty({dout * di}, p.A.options());
+  }
+  at::Tensor norms = at::empty({B}, p.A.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "gradstats_fused", [&] {
+    scalar_t* o = norms.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      at::Tensor m = scratch(2, {dout, di}, dt);
+      for (int64_t c = cb; c < ce; ++c) {
+        scalar_t* w = c == 0 ? dW.mutable_data_ptr<scalar_t>()
+                             : partials[c].mutable_data_ptr<scalar_t>();
+        std::fill(w, w + dout * di, scalar_t(0));
+        for (int64_t i = c * B / chunks; i < (c + 1) * B / chunks; ++i) {
+          at::mm_out(m, p.G[i].t(), p.A[i]);
+          o[i] = scalar_t(add_and_sumsq(w, m.const_data_ptr<scalar_t>(), dout * di));
+        }
+      }
+    });
+    scalar_t* w = dW.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 1; c < chunks; ++c) {
+      const scalar_t* q = partials[c].const_data_ptr<scalar_t>();
+      at::parallel_for(0, dout * di, 4096, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) w[k] += q[k];
+      });
+    }
+  });
+  return {dW, norms};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fused_cpu(
+    const at::Tensor& A, const at::Tensor& G, c10::string_view strategy) {
+  Prepared p = prepare(A, G, "linear_fused");
+  Strategy st = resolve_strategy(strategy, p.s, /*cuda=*/false, "linear_fused");
+  at::Tensor dW, nw;
+  if (st == Strategy::Direct) {
+    std::tie(dW, nw) = fused_direct(p);
+  } else {
+    // Gram and outer norms are cheaper than the weight gradient itself: one GEMM for dW.
+    nw = weight_norms(p, st);
+    dW = at::mm(p.G.view({p.s.B * p.s.T, p.s.d_out}).t(), p.A.view({p.s.B * p.s.T, p.s.d_in}));
+  }
+  auto [gb, nb] = bias_grads(p);
+  const auto grad_dtype = c10::promoteTypes(A.scalar_type(), G.scalar_type());
+  return {dW.to(grad_dtype), gb.sum(0).to(grad_dtype), nw, nb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
+  m.impl("linear_norms", &linear_norms_cpu);
+  m.impl("linear_fused", &linear_fused_cpu);
+}
+
+}  // namespace gradstats

@@ -1,0 +1,90 @@
+// Argument checks, the strategy cost model and dtype rules shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <string_view>
+
+namespace gradstats {
+
+enum class Strategy { Auto, Outer, Gram, Direct };
+
+inline Strategy parse_strategy(std::string_view s) {
+  if (s == "auto") return Strategy::Auto;
+  if (s == "outer") return Strategy::Outer;
+  if (s == "gram") return Strategy::Gram;
+  if (s == "direct") return Strategy::Direct;
+  TORCH_CHECK(false, "strategy must be one of 'auto', 'outer', 'gram', 'direct', got '",
+              std::string(s), "'");
+}
+
+inline const char* strategy_name(Strategy s) {
+  switch (s) {
+    case Strategy::Outer: return "outer";
+    case Strategy::Gram: return "gram";
+    case Strategy::Direct: return "direct";
+    default: return "auto";
+  }
+}
+
+// Relative cost of the Gram route against the direct route. Gram costs ~T^2 (d_in + d_out)
+// multiply-adds per example, direct ~T d_in d_out; the factor folds in how much better the
+// direct route's single large GEMM runs (measured per device, see benchmarks/).
+inline Strategy choose_strategy(int64_t T, int64_t d_in, int64_t d_out, bool cuda) {
+  if (T == 1) return Strategy::Outer;
+  const double gram = double(T) * double(T) * double(d_in + d_out);
+  const double direct = double(T) * double(d_in) * double(d_out);
+  const double factor = cuda ? 1.0 : 1.0;
+  return gram * factor <= direct ? Strategy::Gram : Strategy::Direct;
+}
+
+struct LinearShape {
+  int64_t B, T, d_in, d_out;
+};
+
+// Validates A [B, ..., d_in] and G [B, ..., d_out]; every message names the argument.
+inline LinearShape check_linear_inputs(const at::Tensor& A, const at::Tensor& G, const char* op) {
+  TORCH_CHECK(A.defined(), op, ": A is undefined");
+  TORCH_CHECK(G.defined(), op, ": G is undefined");
+  TORCH_CHECK(A.dim() >= 2, op, ": A must have at least 2 dims [B, ..., d_in], got shape ",
+              A.sizes());
+  TORCH_CHECK(G.dim() >= 2, op, ": G must have at least 2 dims [B, ..., d_out], got shape ",
+              G.sizes());
+  TORCH_CHECK(A.dim() == G.dim(), op, ": A and G must have the same number of dims, got A ",
+              A.sizes(), " and G ", G.sizes());
+  TORCH_CHECK(at::isFloatingType(A.scalar_type()), op,
+              ": A must be a floating-point tensor, got ", A.scalar_type());
+  TORCH_CHECK(at::isFloatingType(G.scalar_type()), op,
+              ": G must be a floating-point tensor, got ", G.scalar_type());
+  TORCH_CHECK(A.device() == G.device(), op, ": A and G must be on the same device, got A on ",
+              A.device(), " and G on ", G.device());
+  TORCH_CHECK(A.size(0) == G.size(0), op, ": A and G must have the same batch size, got A ",
+              A.sizes(), " and G ", G.sizes());
+  TORCH_CHECK(A.size(0) > 0, op, ": empty batch (A has batch size 0)");
+  int64_t T = 1;
+  for (int64_t d = 1; d + 1 < A.dim(); ++d) {
+    TORCH_CHECK(A.size(d) == G.size(d), op, ": A and G must agree in every dim but the last, ",
+                "got A ", A.sizes(), " and G ", G.sizes(), " (dim ", d, ")");
+    T *= A.size(d);
+  }
+  return {A.size(0), T, A.size(-1), G.size(-1)};
+}
+
+inline Strategy resolve_strategy(std::string_view requested, const LinearShape& s, bool cuda,
+                                 const char* op) {
+  Strategy st = parse_strategy(requested);
+  if (st == Strategy::Auto) return choose_strategy(s.T, s.d_in, s.d_out, cuda);
+  TORCH_CHECK(st != Strategy::Outer || s.T == 1, op,
+              ": strategy 'outer' needs one position per example (T == 1), got T = ", s.T);
+  return st;
+}
+
+// Norms accumulate and come out in float32, or float64 when either input is float64.
+inline at::ScalarType norm_dtype(const at::Tensor& A, const at::Tensor& G) {
+  return (A.scalar_type() == at::kDouble || G.scalar_type() == at::kDouble) ? at::kDouble
+                                                                            : at::kFloat;
+}
+
+}  // namespace gradstats

@@ -1,0 +1,26 @@
+"""gradstats: per-example gradient norms and the gradient noise scale for PyTorch.
+
+Fused kernels give each example's squared gradient norm without forming per-example gradients;
+the monitor turns them into tr(Sigma), |G|^2 and B_simple = tr(Sigma)/|G|^2 during training.
+"""
+from ._version import __version__
+from ._loader import load_library as _load_library
+
+_C = _load_library()
+
+from ._ops import linear_fused, linear_norms, linear_strategy  # noqa: E402
+
+
+def build_info() -> dict:
+    """The gradstats version, the torch it was built against, and whether (and for which GPU
+    architectures) CUDA kernels were compiled."""
+    return dict(_C.build_info())
+
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "linear_norms",
+    "linear_fused",
+    "linear_strategy",
+]

@@ -1,0 +1,190 @@
+"""Linear per-example norm ops against the float64 reference and torch.func per-example grads."""
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+import gradstats
+from gradstats import reference
+from problems import LINEAR_CASES
+
+from conftest import devices
+
+STRATEGIES = ["auto", "outer", "gram", "direct"]
+
+
+def _strategies(case):
+    return [s for s in STRATEGIES if s != "outer" or case.T == 1]
+
+
+def _inputs(case, dtype=torch.float64, device="cpu", seed=None):
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    A = torch.randn(case.B, *case.mid, case.d_in, dtype=torch.float64, generator=gen)
+    G = torch.randn(case.B, *case.mid, case.d_out, dtype=torch.float64, generator=gen)
+    return A.to(device=device, dtype=dtype), G.to(device=device, dtype=dtype)
+
+
+def _close(x, ref, rtol):
+    torch.testing.assert_close(x.double().cpu(), ref.double().cpu(), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.name)
+def test_norms_match_float64_reference(case, device):
+    A, G = _inputs(case, device=device)
+    ref_w, ref_b = reference.linear_norms(A, G)
+    for strategy in _strategies(case):
+        w, b = gradstats.linear_norms(A, G, strategy)
+        assert w.dtype == torch.float64 and w.shape == (case.B,)
+        _close(w, ref_w, 1e-10)
+        _close(b, ref_b, 1e-10)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.name)
+def test_norms_match_torch_func_float32(case, device):
+    """Per-example gradients of a real nn.Linear from torch.func, against the ops in float32."""
+    layer = torch.nn.Linear(case.d_in, case.d_out).to(device)
+    A, R = _inputs(case, torch.float32, device)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, a, r):  # d loss / d output = r, so G = R exactly
+        return (functional_call(layer, p, (a.unsqueeze(0),)) * r.unsqueeze(0)).sum()
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, A, R)
+    ref_w = g["weight"].double().square().flatten(1).sum(1)
+    ref_b = g["bias"].double().square().flatten(1).sum(1)
+    for strategy in _strategies(case):
+        w, b = gradstats.linear_norms(A, R, strategy)
+        assert w.dtype == torch.float32
+        _close(w, ref_w, 1e-5)
+        _close(b, ref_b, 1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_matches_reference(case, device, dtype):
+    A, G = _inputs(case, dtype, device)
+    ref = reference.linear_fused(A, G)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for strategy in _strategies(case):
+        dW, db, w, b = gradstats.linear_fused(A, G, strategy)
+        assert dW.shape == (case.d_out, case.d_in) and db.shape == (case.d_out,)
+        assert dW.dtype == dtype and db.dtype == dtype
+        # dW entries can be near zero: compare at the scale of the whole matrix.
+        scale = ref[0].abs().max().item()
+        torch.testing.assert_close(dW.double().cpu(), ref[0], rtol=0, atol=rtol * scale * 10)
+        torch.testing.assert_close(db.double().cpu(), ref[1], rtol=0,
+                                   atol=rtol * ref[1].abs().max().item() * 10)
+        _close(w, ref[2], rtol)
+        _close(b, ref[3], rtol)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_non_contiguous_and_transposed_inputs(device):
+    base_a = torch.randn(9, 4, 6, dtype=torch.float64, device=device)
+    base_g = torch.randn(3, 4, 9, dtype=torch.float64, device=device)
+    A = base_a.permute(1, 0, 2)[:, ::2]  # [4, 5, 6], strided
+    G = base_g.permute(1, 2, 0)[:, ::2]  # [4, 5, 3], transposed last dims
+    assert not A.is_contiguous() and not G.is_contiguous()
+    ref_w, ref_b = reference.linear_norms(A, G)
+    for strategy in ["auto", "gram", "direct"]:
+        w, b = gradstats.linear_norms(A, G, strategy)
+        _close(w, ref_w, 1e-10)
+        _close(b, ref_b, 1e-10)
+        dW, db, w2, _ = gradstats.linear_fused(A, G, strategy)
+        _close(w2, ref_w, 1e-10)
+        _close(dW, reference.linear_fused(A, G)[0], 1e-10)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_mixed_autocast_dtypes(device):
+    """float32 A with bfloat16 G (as autocast produces) is accepted and computed in float32."""
+    A = torch.randn(4, 5, 8, device=device)
+    G = torch.randn(4, 5, 3, device=device).to(torch.bfloat16)
+    ref_w, ref_b = reference.linear_norms(A, G.float())
+    for strategy in ["gram", "direct"]:
+        w, b = gradstats.linear_norms(A, G, strategy)
+        assert w.dtype == torch.float32
+        _close(w, ref_w, 1e-5)
+        _close(b, ref_b, 1e-5)
+    dW, db, _, _ = gradstats.linear_fused(A, G)
+    assert dW.dtype == torch.float32
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.name)
+def test_half_precision_cuda(case, dtype):
+    A, G = _inputs(case, dtype, "cuda")
+    ref_w, ref_b = reference.linear_norms(A, G)  # the same rounded inputs, in float64
+    for strategy in _strategies(case):
+        w, b = gradstats.linear_norms(A, G, strategy)
+        assert w.dtype == torch.float32
+        _close(w, ref_w, 1e-4)
+        _close(b, ref_b, 1e-4)
+
+
+def test_auto_strategy_follows_cost_model():
+    assert gradstats.linear_strategy(1, 512, 512) == "outer"
+    # Gram ~ T^2 (d_in + d_out), direct ~ T d_in d_out.
+    assert gradstats.linear_strategy(16, 768, 768) == "gram"
+    assert gradstats.linear_strategy(4096, 64, 64) == "direct"
+
+
+@pytest.mark.parametrize(
+    "A_shape, G_shape, kwargs, match",
+    [
+        ((4, 3, 5), (5, 3, 2), {}, "same batch size"),
+        ((4, 3, 5), (4, 2, 2), {}, "agree in every dim"),
+        ((4,), (4,), {}, "A must have at least 2 dims"),
+        ((4, 5), (4, 3, 2), {}, "same number of dims"),
+        ((0, 5), (0, 2), {}, "empty batch"),
+        ((4, 3, 5), (4, 3, 2), {"strategy": "outer"}, "'outer' needs"),
+        ((4, 3, 5), (4, 3, 2), {"strategy": "fastest"}, "strategy must be one of"),
+    ],
+)
+@pytest.mark.parametrize("op", [gradstats.linear_norms, gradstats.linear_fused])
+def test_bad_input_names_the_argument(op, A_shape, G_shape, kwargs, match):
+    with pytest.raises(RuntimeError, match=match):
+        op(torch.randn(A_shape), torch.randn(G_shape), **kwargs)
+
+
+@pytest.mark.parametrize("op", [gradstats.linear_norms, gradstats.linear_fused])
+def test_integer_inputs_are_refused(op):
+    with pytest.raises(RuntimeError, match="A must be a floating-point tensor"):
+        op(torch.ones(3, 4, dtype=torch.int64), torch.randn(3, 2))
+    with pytest.raises(RuntimeError, match="G must be a floating-point tensor"):
+        op(torch.randn(3, 4), torch.ones(3, 2, dtype=torch.int32))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensors_on_different_devices_are_refused():
+    with pytest.raises(RuntimeError, match="same device"):
+        gradstats.linear_norms(torch.randn(3, 4, device="cuda"), torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", [LINEAR_CASES[0], LINEAR_CASES[3], LINEAR_CASES[7]],
+                         ids=lambda c: c.name)
+def test_opcheck(case, device):
+    A, G = _inputs(case, torch.float32, device)
+    for strategy in _strategies(case):
+        torch.library.opcheck(torch.ops.gradstats.linear_norms.default, (A, G, strategy))
+        torch.library.opcheck(torch.ops.gradstats.linear_fused.default, (A, G, strategy))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+
+    def f(A, G):
+        w, b = gradstats.linear_norms(A * 2.0, G)
+        dW, db, w2, b2 = gradstats.linear_fused(A, G, "direct")
+        return w.sum() + b, dW.abs().sum() + w2
+
+    A, G = torch.randn(5, 6, 7), torch.randn(5, 6, 4)
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    for got, want in zip(compiled(A, G), f(A, G)):
+        torch.testing.assert_close(got, want)
