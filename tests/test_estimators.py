@@ -1,0 +1,395 @@
+"""Tests of gradstats.estimators against independent computations on random data.
+
+The statistical tests use fixed seeds (deterministic) and thresholds of 3 standard errors,
+with the standard error taken from the empirical spread of the simulated estimates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradstats.estimators import NoiseScaleEMA, StepEstimate, step_estimate
+
+
+# ----------------------------------------------------------------------------- helpers
+def random_psd(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def batch_sums(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum_i |g_i|^2, |mean_i g_i|^2) over axis -2 of g[..., n, d]."""
+    return (g * g).sum(axis=(-1, -2)), (g.mean(axis=-2) ** 2).sum(axis=-1)
+
+
+def vectorised_estimates(g: np.ndarray, dataset_size: int | None = None):
+    """Per-batch (tr, g2) through step_estimate, for g[draws, n, d]."""
+    s, m = batch_sums(g)
+    n = g.shape[-2]
+    ests = [step_estimate(float(a), float(b), n, dataset_size) for a, b in zip(s, m)]
+    return (np.array([e.tr_sigma for e in ests]), np.array([e.g2 for e in ests]))
+
+
+def within_3se(samples: np.ndarray, truth: float) -> tuple[bool, float]:
+    se = samples.std(ddof=1) / math.sqrt(len(samples))
+    z = (samples.mean() - truth) / se
+    return abs(z) < 3.0, z
+
+
+# ------------------------------------------------------------ 1. against explicit vectors
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(2, 40),
+    d=st.integers(1, 30),
+    mean_scale=st.floats(0.0, 10.0),
+    noise_scale=st.floats(1e-3, 10.0),
+    use_m=st.booleans(),
+    extra=st.integers(0, 100),
+)
+def test_step_estimate_matches_explicit_vectors(seed, n, d, mean_scale, noise_scale, use_m,
+                                                extra):
+    rng = np.random.default_rng(seed)
+    mu = mean_scale * rng.standard_normal(d)
+    g = mu + noise_scale * rng.standard_normal((n, d))
+    m = n + extra if use_m else None
+    sum_sq = float((g * g).sum())
+    gbar = g.mean(axis=0)
+    est = step_estimate(sum_sq, float(gbar @ gbar), n, dataset_size=m)
+
+    # tr(Sigma): trace of the ddof=1 sample covariance.
+    tr_ref = float(np.trace(np.atleast_2d(np.cov(g, rowvar=False, ddof=1))))
+    # |G|^2: the U-statistic mean over pairs i != j of g_i . g_j (E[g_i . g_j] = |G|^2 for
+    # independent examples); without replacement, Cov(g_i, g_j) = -Sigma_(M-1) / M for i != j,
+    # so the pair mean is low by tr/M and the unbiased estimate adds it back.
+    gram = g @ g.T
+    pair_mean = (gram.sum() - np.trace(gram)) / (n * (n - 1))
+    g2_ref = pair_mean + (tr_ref / m if m is not None else 0.0)
+
+    scale = sum_sq / n + 1e-300  # magnitude of the terms that cancel
+    assert est.n == n
+    assert abs(est.tr_sigma - tr_ref) <= 1e-10 * scale
+    assert abs(est.g2 - g2_ref) <= 1e-10 * scale
+    if g2_ref > 1e-8 * scale:
+        assert est.defined and est.reason is None
+        assert est.b_simple == pytest.approx(tr_ref / g2_ref, rel=1e-6)
+    elif g2_ref < -1e-8 * scale:
+        assert not est.defined and est.reason == "|G|^2 estimate <= 0"
+        assert math.isnan(est.b_simple)
+
+
+def test_n_equals_one_is_undefined():
+    for m in (None, 1, 5):
+        est = step_estimate(3.0, 3.0, 1, dataset_size=m)
+        assert isinstance(est, StepEstimate)
+        assert not est.defined and est.reason == "n == 1"
+        assert math.isnan(est.tr_sigma) and math.isnan(est.g2) and math.isnan(est.b_simple)
+
+
+def test_negative_g2_is_undefined_and_unclamped():
+    # Pure noise around a zero mean: the unbiased |G|^2 estimate is negative on some draws.
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal((500, 4, 3))
+    tr, g2 = vectorised_estimates(g)
+    assert (g2 < 0).any() and (g2 > 0).any()
+    i = int(np.argmin(g2))
+    s, m = batch_sums(g[i])
+    est = step_estimate(float(s), float(m), 4)
+    assert est.g2 < 0 and est.g2 == g2[i]
+    assert not est.defined and est.reason == "|G|^2 estimate <= 0"
+    assert math.isnan(est.b_simple)
+    # exactly zero is also undefined: g2 = (n^2 |gbar|^2 - sum_sq) / (n (n-1)) = 0 here
+    zero = step_estimate(16.0, 1.0, 4)
+    assert zero.g2 == 0.0 and not zero.defined and zero.reason == "|G|^2 estimate <= 0"
+
+
+def test_full_population_batch_has_exact_g2():
+    rng = np.random.default_rng(2)
+    g = rng.standard_normal((7, 5)) + 0.3
+    s, m = batch_sums(g)
+    est = step_estimate(float(s), float(m), 7, dataset_size=7)
+    assert est.g2 == float(m)  # the batch is the whole data set: no correction
+    assert est.tr_sigma == pytest.approx(np.trace(np.cov(g, rowvar=False)), rel=1e-12)
+
+
+# ------------------------------------------------------------------- 2. unbiasedness
+def test_unbiased_for_iid_examples():
+    rng = np.random.default_rng(2024)
+    d, n, draws = 12, 8, 4000
+    G = 0.6 * rng.standard_normal(d)
+    sigma = random_psd(rng, d)
+    chol = np.linalg.cholesky(sigma)
+    g = G + rng.standard_normal((draws, n, d)) @ chol.T
+    tr_true, g2_true = float(np.trace(sigma)), float(G @ G)
+
+    tr, g2 = vectorised_estimates(g)
+    ok, z = within_3se(tr, tr_true)
+    assert ok, f"tr(Sigma) estimate off by {z:.2f} SE"
+    ok, z = within_3se(g2, g2_true)
+    assert ok, f"|G|^2 estimate off by {z:.2f} SE"
+
+    # The naive |gbar|^2 is biased by tr/n: far outside 3 SE, and the offset matches tr/n.
+    _, naive = batch_sums(g)
+    ok, z = within_3se(naive, g2_true)
+    assert not ok and z > 3.0, f"naive |gbar|^2 only {z:.2f} SE off"
+    ok, z = within_3se(naive - g2_true, tr_true / n)
+    assert ok, f"naive bias differs from tr/n by {z:.2f} SE"
+
+
+# --------------------------------------------------------------- 3. finite population
+def test_finite_population_correction():
+    rng = np.random.default_rng(7)
+    M, n, d, draws = 40, 20, 6, 20000
+    pop = 0.5 + rng.standard_normal((M, d)) * rng.uniform(0.5, 2.0, size=d)
+    G = pop.mean(axis=0)
+    g2_true = float(G @ G)
+    centred = pop - G
+    tr_m1 = float((centred * centred).sum() / (M - 1))  # population covariance, divisor M-1
+    tr_m = tr_m1 * (M - 1) / M                           # divisor M
+
+    # Batches drawn without replacement: the first n of a random permutation per draw.
+    idx = np.argsort(rng.random((draws, M)), axis=1)[:, :n]
+    g = pop[idx]                                          # [draws, n, d]
+    assert all(len(set(row)) == n for row in idx[:50])
+
+    tr, g2 = vectorised_estimates(g, dataset_size=M)
+    ok, z = within_3se(g2, g2_true)
+    assert ok, f"corrected |G|^2 off by {z:.2f} SE"
+    # tr_sigma estimates the divisor-(M-1) population trace, distinguishably from divisor M.
+    ok, z = within_3se(tr, tr_m1)
+    assert ok, f"tr estimate off the divisor-(M-1) trace by {z:.2f} SE"
+    ok, z = within_3se(tr, tr_m)
+    assert not ok, "tr estimate should not match the divisor-M trace"
+
+    # Without the correction the estimate is biased (low by tr/M, well beyond 3 SE).
+    _, g2_iid = vectorised_estimates(g)
+    ok, z = within_3se(g2_iid, g2_true)
+    assert not ok and z < -3.0, f"uncorrected |G|^2 only {z:.2f} SE off"
+    ok, z = within_3se(g2_iid - g2_true, -tr_m1 / M)
+    assert ok, f"uncorrected bias differs from -tr/M by {z:.2f} SE"
+
+
+# ------------------------------------------------------------------------------ 4. EMA
+def fake_est(tr: float, g2: float, n: int = 8) -> StepEstimate:
+    ok = g2 > 0
+    return StepEstimate(n=n, tr_sigma=tr, g2=g2, b_simple=tr / g2 if ok else math.nan,
+                        defined=ok, reason=None if ok else "|G|^2 estimate <= 0")
+
+
+def explicit_weights(beta: float, t: int) -> np.ndarray:
+    w = (1 - beta) * beta ** np.arange(t - 1, -1, -1, dtype=np.float64)
+    return w / w.sum()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 0.99])
+def test_ema_is_explicit_weighted_average(beta):
+    rng = np.random.default_rng(int(beta * 100) + 3)
+    t = 57
+    trs = rng.uniform(1.0, 5.0, t)
+    g2s = rng.normal(0.5, 1.0, t)   # many negative values
+    assert (g2s < 0).sum() > 5
+    ema = NoiseScaleEMA(beta)
+    for i in range(t):
+        ema.update(fake_est(trs[i], g2s[i]))
+        # interleaved n == 1 steps are skipped and change nothing
+        ema.update(step_estimate(1.0, 1.0, 1))
+    assert ema.steps == t and ema.skipped == t
+
+    w = explicit_weights(beta, t)
+    tr_ref, g2_ref = float(w @ trs), float(w @ g2s)
+    assert ema.tr_sigma == pytest.approx(tr_ref, rel=1e-12)
+    assert ema.g2 == pytest.approx(g2_ref, rel=1e-12, abs=1e-12)  # unclamped
+    clamped = float(w @ np.maximum(g2s, 0.0))
+    assert abs(ema.g2 - clamped) > 1e-3
+    if g2_ref > 0:
+        assert ema.b_simple == pytest.approx(tr_ref / g2_ref, rel=1e-10)
+    else:
+        assert math.isnan(ema.b_simple)
+
+    if beta == 0.0:
+        assert ema.tr_sigma == trs[-1] and ema.g2 == g2s[-1]
+        assert math.isnan(ema.b_simple_stderr)
+        assert all(math.isnan(x) for x in ema.interval())
+        return
+
+    # stderr: delta method with the weighted covariance and n_eff of the explicit weights.
+    n_eff = 1.0 / (w @ w)
+    assert ema.n_eff == pytest.approx(n_eff, rel=1e-12)
+    x = np.stack([trs, g2s])
+    dev = x - (x @ w)[:, None]
+    cov = (dev * w) @ dev.T / (1.0 - w @ w)   # per-step covariance, reliability weights
+    cov_mean = cov / n_eff                    # covariance of the two weighted means
+    if g2_ref > 0:
+        r = tr_ref / g2_ref
+        grad = np.array([1.0 / g2_ref, -r / g2_ref])
+        assert ema.b_simple_stderr == pytest.approx(math.sqrt(grad @ cov_mean @ grad),
+                                                    rel=1e-9)
+        lo, hi = ema.interval(0.9)
+        z = 1.6448536269514722
+        assert lo == pytest.approx(r - z * ema.b_simple_stderr, rel=1e-12)
+        assert hi == pytest.approx(r + z * ema.b_simple_stderr, rel=1e-12)
+
+
+def test_ema_ratio_of_emas_not_ema_of_ratios():
+    beta = 0.8
+    trs = np.array([1.0, 10.0, 1.0, 10.0, 2.0])
+    g2s = np.array([1.0, 0.5, 4.0, 2.0, 1.0])
+    ema = NoiseScaleEMA(beta)
+    for a, b in zip(trs, g2s):
+        ema.update(fake_est(a, b))
+    w = explicit_weights(beta, len(trs))
+    ratio_of_emas = (w @ trs) / (w @ g2s)
+    ema_of_ratios = w @ (trs / g2s)
+    assert abs(ratio_of_emas - ema_of_ratios) > 0.1 * ratio_of_emas
+    assert ema.b_simple == pytest.approx(ratio_of_emas, rel=1e-12)
+
+
+def test_ema_before_any_step_and_single_step():
+    ema = NoiseScaleEMA(0.9)
+    assert ema.steps == 0 and ema.n_eff == 0.0
+    assert math.isnan(ema.tr_sigma) and math.isnan(ema.g2) and math.isnan(ema.b_simple)
+    assert math.isnan(ema.b_simple_stderr)
+    ema.update(fake_est(3.0, 1.5))
+    # bias correction: the first value is reported as is, not shrunk by (1 - beta)
+    assert ema.tr_sigma == 3.0 and ema.g2 == 1.5 and ema.b_simple == 2.0
+    assert math.isnan(ema.b_simple_stderr)  # one step: no spread to estimate
+    ema.update(fake_est(3.0, -5.0))
+    assert ema.g2 < 0 and math.isnan(ema.b_simple) and math.isnan(ema.b_simple_stderr)
+
+
+# --------------------------------------------------------------------------- 5. coverage
+def test_interval_coverage():
+    """What this shows: for streams of per-step estimates from i.i.d. batches (the setting
+    the stderr assumes), the reported 95% (and 68%) intervals contain the true ratio
+    tr(Sigma)/|G|^2 about as often as claimed, and the mean reported stderr matches the
+    actual spread of the smoothed B_simple across independent streams. beta = 0.98 gives
+    n_eff ~ 99 steps and, with 300 steps, a bias correction factor within 0.3% of 1; the
+    smoothed |G|^2 then has ~6% relative error, so the ratio's bias and the first-order
+    (delta-method) error are small next to its spread.
+    """
+    rng = np.random.default_rng(12345)
+    streams, steps, n, d, beta = 400, 300, 8, 10, 0.98
+    G = rng.standard_normal(d)
+    G *= math.sqrt(2.0) / np.linalg.norm(G)          # |G|^2 = 2
+    sigma = random_psd(rng, d)
+    sigma *= 10.0 / np.trace(sigma)                  # tr(Sigma) = 10
+    truth = 10.0 / 2.0
+    chol = np.linalg.cholesky(sigma)
+
+    # The per-step sums only are needed: draw the whole [streams, steps, n, d] block at once.
+    g = G + rng.standard_normal((streams, steps, n, d)) @ chol.T
+    s, m = batch_sums(g)
+    s, m = s.tolist(), m.tolist()
+
+    est_b, se, lo95, hi95, lo68, hi68 = (np.empty(streams) for _ in range(6))
+    for k in range(streams):
+        ema = NoiseScaleEMA(beta)
+        sk, mk = s[k], m[k]
+        for t in range(steps):
+            ema.update(step_estimate(sk[t], mk[t], n))
+        est_b[k], se[k] = ema.b_simple, ema.b_simple_stderr
+        lo95[k], hi95[k] = ema.interval(0.95)
+        lo68[k], hi68[k] = ema.interval(0.6827)
+
+    cover95 = np.mean((lo95 <= truth) & (truth <= hi95))
+    cover68 = np.mean((lo68 <= truth) & (truth <= hi68))
+    assert 0.90 <= cover95 <= 0.99, cover95
+    assert 0.61 <= cover68 <= 0.75, cover68
+    spread = est_b.std(ddof=1)
+    assert 0.85 <= se.mean() / spread <= 1.15, (se.mean(), spread)
+    assert abs(est_b.mean() - truth) < 3 * spread / math.sqrt(streams) + 0.01 * truth
+
+
+# ------------------------------------------------------------------- 6. state round trip
+@pytest.mark.parametrize("via", ["dict", "json", "pickle"])
+def test_state_dict_round_trip_is_bit_identical(via):
+    rng = np.random.default_rng(99)
+    vals = [(float(a), float(b)) for a, b in zip(rng.uniform(1, 3, 200), rng.normal(1, 1, 200))]
+    full = NoiseScaleEMA(0.95)
+    first = NoiseScaleEMA(0.95)
+    for a, b in vals[:73]:
+        full.update(fake_est(a, b))
+        first.update(fake_est(a, b))
+    first.update(step_estimate(1.0, 1.0, 1))
+    full.update(step_estimate(1.0, 1.0, 1))
+    sd = first.state_dict()
+    if via == "json":
+        sd = json.loads(json.dumps(sd))
+    elif via == "pickle":
+        sd = pickle.loads(pickle.dumps(sd))
+    resumed = NoiseScaleEMA(0.5)  # beta comes from the state
+    resumed.load_state_dict(sd)
+    for a, b in vals[73:]:
+        full.update(fake_est(a, b))
+        resumed.update(fake_est(a, b))
+    assert resumed.state_dict() == full.state_dict()
+    assert resumed.beta == 0.95 and resumed.steps == 200 and resumed.skipped == 1
+    for attr in ("tr_sigma", "g2", "b_simple", "b_simple_stderr", "n_eff"):
+        assert getattr(resumed, attr) == getattr(full, attr), attr
+    assert resumed.interval() == full.interval()
+
+
+def test_load_state_dict_rejects_bad_state():
+    sd = NoiseScaleEMA(0.9).state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        NoiseScaleEMA().load_state_dict({k: v for k, v in sd.items() if k != "w_sum"})
+    with pytest.raises(ValueError, match="version"):
+        NoiseScaleEMA().load_state_dict({**sd, "version": 99})
+    with pytest.raises(ValueError, match="beta"):
+        NoiseScaleEMA().load_state_dict({**sd, "beta": 1.0})
+
+
+# ------------------------------------------------------------------------ 7. bad input
+@pytest.mark.parametrize(
+    "args, kwargs, name",
+    [
+        ((1.0, 0.1, 0), {}, "n"),
+        ((1.0, 0.1, -3), {}, "n"),
+        ((1.0, 0.1, 2.5), {}, "n"),
+        ((1.0, 0.1, True), {}, "n"),
+        ((math.nan, 0.1, 4), {}, "sum_sq_norms"),
+        ((math.inf, 0.1, 4), {}, "sum_sq_norms"),
+        ((-1.0, 0.0, 4), {}, "sum_sq_norms"),
+        ((1.0, math.nan, 4), {}, "mean_grad_sq"),
+        ((1.0, -math.inf, 4), {}, "mean_grad_sq"),
+        ((1.0, -0.1, 4), {}, "mean_grad_sq"),
+        ((1.0, 0.5, 4), {}, "sum_sq_norms"),  # n |gbar|^2 = 2 > sum_sq = 1: units mix-up
+        (("1.0", 0.1, 4), {}, "sum_sq_norms"),
+        ((4.0, 0.1, 4), {"dataset_size": 3}, "dataset_size"),
+        ((4.0, 0.1, 4), {"dataset_size": 4.0}, "dataset_size"),
+    ],
+)
+def test_step_estimate_bad_input(args, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        step_estimate(*args, **kwargs)
+
+
+def test_step_estimate_accepts_numpy_scalars_and_rounding():
+    est = step_estimate(np.float32(4.0), np.float64(0.5), np.int64(4), dataset_size=np.int32(9))
+    assert est.defined
+    # all examples equal: n |gbar|^2 may exceed sum_sq by rounding; accepted, tr ~ 0
+    est = step_estimate(3.0 * (1 - 1e-9), 1.0, 3)
+    assert abs(est.tr_sigma) < 1e-8 and est.defined
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.0, 1.5, math.nan, "0.9"])
+def test_ema_bad_beta(beta):
+    with pytest.raises(ValueError, match="beta"):
+        NoiseScaleEMA(beta)
+
+
+def test_ema_bad_confidence_and_estimate():
+    ema = NoiseScaleEMA(0.9)
+    for c in (0.0, 1.0, -0.5, 2.0):
+        with pytest.raises(ValueError, match="confidence"):
+            ema.interval(c)
+    with pytest.raises(ValueError, match="est"):
+        ema.update(fake_est(math.inf, 1.0))
+    assert ema.steps == 0
