@@ -9,6 +9,9 @@ from ._loader import load_library as _load_library
 _C = _load_library()
 
 from ._ops import linear_fused, linear_norms, linear_strategy  # noqa: E402
+from .estimators import NoiseScaleEMA, StepEstimate, step_estimate  # noqa: E402
+from .monitor import ContractError, GradStatsMonitor, LayerStats, StepStats  # noqa: E402
+from .rules import Rule, register_rule  # noqa: E402
 
 
 def build_info() -> dict:
@@ -23,4 +26,13 @@ __all__ = [
     "linear_norms",
     "linear_fused",
     "linear_strategy",
+    "GradStatsMonitor",
+    "StepStats",
+    "LayerStats",
+    "ContractError",
+    "NoiseScaleEMA",
+    "StepEstimate",
+    "step_estimate",
+    "Rule",
+    "register_rule",
 ]

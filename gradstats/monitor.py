@@ -1,0 +1,541 @@
+"""GradStatsMonitor: per-layer and whole-model gradient noise during real training.
+
+Units (DESIGN.md, "The units contract"): autograd propagates ``u_i = c g_i`` for example ``i``,
+with ``c`` = loss scale x (1/b for a mean loss over a micro-batch of b) x (1/k when each of k
+micro-batch losses was divided by k). ``p.grad = sum_i u_i``. Each step's statistics are formed
+in per-example loss units (``g_i = u_i / c``), so they do not move when ``c`` does.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import nn
+
+from .estimators import NoiseScaleEMA, StepEstimate, step_estimate
+from .rules import Rule, rule_for
+from .rules.base import PROBES
+
+__all__ = ["GradStatsMonitor", "StepStats", "LayerStats", "ContractError"]
+
+
+class ContractError(RuntimeError):
+    """The gradients do not satisfy what the statistics assume (named in the message)."""
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One layer's (or the whole model's) statistics for a step, in per-example loss units."""
+
+    tr_sigma: float
+    g2: float
+    b_simple: float
+    defined: bool
+    reason: str | None
+    tr_sigma_ema: float
+    g2_ema: float
+    b_simple_ema: float
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What :meth:`GradStatsMonitor.step` returns.
+
+    ``per_example_sq_norms`` is ``[N]`` (this process's examples, in micro-batch order), each
+    example's squared gradient norm over the covered parameters, in per-example loss units.
+    ``tr_sigma``, ``g2``, ``b_simple`` are this step's unbiased estimates; the ``*_ema`` values
+    are the smoothed ones (separate bias-corrected EMAs, ratio of the EMAs) and
+    ``b_simple_stderr`` / ``b_simple_interval`` their uncertainty (delta method).
+    """
+
+    step: int
+    n: int
+    skipped: bool
+    skip_reason: str | None
+    per_example_sq_norms: torch.Tensor | None
+    tr_sigma: float
+    g2: float
+    b_simple: float
+    defined: bool
+    reason: str | None
+    tr_sigma_ema: float
+    g2_ema: float
+    b_simple_ema: float
+    b_simple_stderr: float
+    b_simple_interval: tuple[float, float]
+    loss_scale: float
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+
+
+class _Layer:
+    """A covered module: its rule, parameters, probes and this step's collected values."""
+
+    def __init__(self, name: str, module: nn.Module, rule: Rule, params: dict[str, nn.Parameter],
+                 gen: torch.Generator):
+        self.name, self.module, self.rule, self.params = name, module, rule, params
+        self.vectors = {k: rule.probe_vectors(k, p, gen) for k, p in params.items()}
+        self.handles: list[Any] = []
+        self.ema = NoiseScaleEMA()
+        self.last_forward = -1
+        self.reset()
+
+    def reset(self) -> None:
+        self.norms: dict[int, dict[str, torch.Tensor]] = {}  # forward id -> {param: [b]}
+        self.probes: list[dict[str, torch.Tensor]] = []
+
+
+def _is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+class GradStatsMonitor:
+    """Collects per-example squared gradient norms during backward and turns them into the
+    gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` at every optimizer step.
+
+    Call :meth:`step` after the backward pass(es) of a step and before clipping, weight decay
+    that writes into ``.grad``, or ``optimizer.step()``; zero the gradients after it.
+
+    Args:
+        model: the model (a ``DistributedDataParallel`` wrapper is unwrapped).
+        mode: ``"hooks"`` (forward hook + output-gradient hook, any supported layer) or
+            ``"fused"`` (supported layers run a backward that computes dW and the norms in one
+            op; the rest use hooks).
+        loss_reduction: ``"mean"`` or ``"sum"`` over the examples of a micro-batch.
+        accumulation: ``"mean"`` when each of the k micro-batch losses of a step is divided by
+            k before backward, ``"sum"`` when not.
+        scaler: the ``torch.amp.GradScaler`` in use, if any; its scale is divided out.
+        unsupported: what to do with parameters of modules without a rule: ``"error"``,
+            ``"warn"`` or ``"ignore"`` (both then leave them out of every statistic).
+        beta: EMA factor of the smoothed statistics.
+        dataset_size: examples in the data set, for the without-replacement correction.
+        check_contract: compare a random projection of ``.grad`` with the same projection of
+            what the hooks saw; raise ``ContractError`` on mismatch.
+        process_group: for DDP, the group whose ranks share the statistics.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mode: Literal["hooks", "fused"] = "hooks",
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        accumulation: Literal["mean", "sum"] = "mean",
+        scaler: torch.amp.GradScaler | None = None,
+        unsupported: Literal["error", "warn", "ignore"] = "error",
+        beta: float = 0.99,
+        dataset_size: int | None = None,
+        check_contract: bool = True,
+        process_group: Any = None,
+        seed: int = 0,
+    ) -> None:
+        _choice("mode", mode, ("hooks", "fused"))
+        _choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        _choice("accumulation", accumulation, ("mean", "sum"))
+        _choice("unsupported", unsupported, ("error", "warn", "ignore"))
+        if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 2):
+            raise ValueError(f"dataset_size must be an int >= 2, got {dataset_size!r}")
+        self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.model = model.module if self._ddp else model
+        self.mode, self.loss_reduction, self.accumulation = mode, loss_reduction, accumulation
+        self.scaler, self.dataset_size = scaler, dataset_size
+        self.check_contract, self.process_group = check_contract, process_group
+        self.beta = beta
+        self.ema = NoiseScaleEMA(beta)
+        self._steps = 0
+        self._paused = 0
+        self._forward_id = 0
+        self._scale_seen: torch.Tensor | None = None
+        self._last_probe_grad: dict[tuple[str, str], float] = {}
+        self._layers = self._discover(unsupported, seed)
+        for layer in self._layers.values():
+            layer.ema = NoiseScaleEMA(beta)
+        self._by_module = {id(layer.module): layer for layer in self._layers.values()}
+        self._attach()
+
+    # ----------------------------------------------------------------------------- set-up
+    def _discover(self, unsupported: str, seed: int) -> dict[str, _Layer]:
+        gen = torch.Generator().manual_seed(seed)
+        owners: dict[int, str] = {}
+        layers: dict[str, _Layer] = {}
+        uncovered = []
+        for name, module in self.model.named_modules():
+            own = {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+            for k, p in module.named_parameters(recurse=False):
+                where = f"{name}.{k}" if name else k
+                if id(p) in owners:
+                    raise ContractError(
+                        f"parameter {where} is shared with {owners[id(p)]}: shared parameters "
+                        "need cross terms between their uses and are not supported yet")
+                owners[id(p)] = where
+            if not own:
+                continue
+            rule = rule_for(module)
+            if rule is None or _is_batchnorm(module):
+                uncovered.append((name, module))
+                continue
+            layers[name] = _Layer(name, module, rule, own, gen)
+        if uncovered:
+            names = ", ".join(f"{n or '<root>'} ({type(m).__name__})" for n, m in uncovered)
+            msg = (f"no gradstats rule for {names}; their parameters would be left out of every "
+                   "statistic. Pass unsupported='ignore' (or 'warn') to measure the covered "
+                   "parameters only")
+            if unsupported == "error":
+                raise ValueError(msg)
+            if unsupported == "warn":
+                warnings.warn(msg, stacklevel=3)
+        if not layers:
+            raise ValueError("the model has no trainable parameters in supported layers")
+        return layers
+
+    def _attach(self) -> None:
+        self._root_handle = self.model.register_forward_pre_hook(self._on_root_forward)
+        self._bn_handles = [
+            m.register_forward_pre_hook(_refuse_training_batchnorm(n))
+            for n, m in self.model.named_modules() if _is_batchnorm(m)
+        ]
+        for layer in self._layers.values():
+            if self.mode == "fused" and layer.rule.supports_fused:
+                layer.module.forward = layer.rule.fused_forward(layer.module, self._begin_fused)
+            else:
+                layer.handles.append(layer.module.register_forward_hook(self._on_forward))
+
+    def detach(self) -> None:
+        """Removes every hook and restores the layers' own forward."""
+        for layer in self._layers.values():
+            for h in layer.handles:
+                h.remove()
+            layer.handles.clear()
+            if "forward" in vars(layer.module):
+                del layer.module.forward
+        for h in [self._root_handle, *self._bn_handles]:
+            h.remove()
+        self._bn_handles = []
+
+    def __enter__(self) -> GradStatsMonitor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Backward passes inside this block (penalties, Hessian-vector products) and forwards
+        run in it are not counted."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    # ----------------------------------------------------------------------------- hooks
+    def _on_root_forward(self, module: nn.Module, args: Any) -> None:
+        if not self._paused:
+            self._forward_id += 1
+
+    def _counted_forward(self, layer: _Layer, requires_grad: bool) -> bool:
+        if self._paused or not torch.is_grad_enabled() or not requires_grad:
+            return False
+        if torch._C._current_graph_task_id() != -1:
+            return False  # recomputation under activation checkpointing, inside backward
+        if layer.last_forward == self._forward_id:
+            raise ContractError(
+                f"module {layer.name} ({type(layer.module).__name__}) was called twice in one "
+                "forward: its per-example gradient needs the cross terms between the calls, "
+                "which are not supported yet")
+        layer.last_forward = self._forward_id
+        return True
+
+    def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        layer = self._by_module[id(module)]
+        if not isinstance(output, torch.Tensor) or not self._counted_forward(
+                layer, output.requires_grad):
+            return
+        cell = [layer.rule.capture(module, inputs, output)]
+        fid = self._forward_id
+
+        def on_grad(grad: torch.Tensor) -> None:
+            if self._paused:
+                return
+            if cell[0] is None:
+                raise ContractError(
+                    f"backward reached the output of {layer.name} twice for one forward; wrap "
+                    "backward passes that are not training steps in monitor.paused()")
+            saved, cell[0] = cell[0], None  # release the activation at once
+            self._collect(layer, fid, saved, grad, None)
+
+        output.register_hook(on_grad)
+
+    def _begin_fused(self, module: nn.Module, requires_grad: bool):
+        """Called by a fused forward: the callback its backward reports to, or None."""
+        layer = self._by_module[id(module)]
+        if not self._counted_forward(layer, requires_grad):
+            return None
+        fid = self._forward_id
+
+        def on_backward(saved: torch.Tensor, grad: torch.Tensor,
+                        norms: dict[str, torch.Tensor]) -> None:
+            if not self._paused:
+                self._collect(layer, fid, saved, grad, norms)
+
+        return on_backward
+
+    def _collect(self, layer: _Layer, fid: int, saved: Any, grad: torch.Tensor,
+                 norms: dict[str, torch.Tensor] | None) -> None:
+        if fid in layer.norms:
+            raise ContractError(
+                f"backward reached the output of {layer.name} twice for one forward; wrap "
+                "backward passes that are not training steps in monitor.paused()")
+        if norms is None:
+            norms = layer.rule.norms(layer.module, saved, grad)
+        layer.norms[fid] = {k: v.detach() for k, v in norms.items()}
+        if self.check_contract:
+            layer.probes.append(layer.rule.probe(layer.module, saved, grad, layer.vectors))
+        if self.scaler is not None and self._scale_seen is None and self.scaler.is_enabled():
+            self._scale_seen = self.scaler._scale.detach().clone()
+
+    # ----------------------------------------------------------------------------- step
+    def _world_size(self) -> int:
+        if (self._ddp or self.process_group is not None) and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(self.process_group)
+        return 1
+
+    def step(self) -> StepStats:
+        """Statistics of the step whose backward pass(es) just ran; resets for the next step."""
+        try:
+            return self._step()
+        finally:
+            for layer in self._layers.values():
+                layer.reset()
+            self._scale_seen = None
+
+    def _step(self) -> StepStats:
+        layers = list(self._layers.values())
+        fids = sorted({fid for layer in layers for fid in layer.norms})
+        if not fids:
+            raise RuntimeError("step() called with no counted backward pass since the last step")
+        sizes: dict[int, int] = {}
+        for layer in layers:
+            for fid, d in layer.norms.items():
+                for k, v in d.items():
+                    if sizes.setdefault(fid, v.shape[0]) != v.shape[0]:
+                        raise ContractError(
+                            f"layers disagree on the batch size of one forward: {layer.name}.{k} "
+                            f"has {v.shape[0]} examples, others {sizes[fid]}")
+        micro = [sizes[f] for f in fids]
+        if self.loss_reduction == "mean" and len(set(micro)) > 1:
+            raise ContractError(
+                f"micro-batches of unequal size {micro} under a mean loss: each carries a "
+                "different 1/b, so the summed gradient is not a mean over examples; use equal "
+                "micro-batches or loss_reduction='sum'")
+        n_local = sum(micro)
+        device = next(iter(layers[0].params.values())).device
+
+        # Device-side values, packed so that one transfer (and one all-reduce) carries them.
+        keys = [(layer, k) for layer in layers for k in layer.params]
+        zero = torch.zeros(1, dtype=torch.float64, device=device)
+        no_probe = torch.zeros(2 * PROBES, dtype=torch.float64, device=device)
+        hook_side, grad_side = [], []
+        for layer, k in keys:
+            s = sum((d[k].double().sum().to(device) for d in layer.norms.values() if k in d), zero)
+            pr = [p[k].to(device) for p in layer.probes if k in p]
+            hook_side += [s.reshape(1), torch.stack(pr).sum(0) if pr else no_probe]
+            g = layer.params[k].grad
+            if g is None:
+                grad_side.append(torch.zeros(1 + PROBES, dtype=torch.float64, device=device))
+            else:
+                gd = g.detach()
+                grad_side += [gd.double().square().sum().reshape(1).to(device),
+                              layer.rule.probe_grad(k, gd, layer.vectors[k]).to(device)]
+        per_example = torch.cat([
+            sum((layer.norms[f][k].double().to(device) for layer in layers
+                 for k in layer.norms.get(f, {})), torch.zeros(sizes[f], dtype=torch.float64,
+                                                             device=device))
+            for f in fids])
+        scale = (self._scale_seen.double().reshape(1).to(device) if self._scale_seen is not None
+                 else torch.ones(1, dtype=torch.float64, device=device))
+        counts = torch.tensor([n_local, n_local**2], dtype=torch.float64, device=device)
+        hook_t = torch.cat([*hook_side, counts])
+        world = self._world_size()
+        if world > 1:
+            torch.distributed.all_reduce(hook_t, group=self.process_group)
+        host = torch.cat([hook_t, *grad_side, scale]).cpu().tolist()
+        per_example = per_example.cpu()
+
+        nk, hw, gw = len(keys), 1 + 2 * PROBES, 1 + PROBES
+        hook_vals = [host[hw * i: hw * (i + 1)] for i in range(nk)]
+        n, n_sq = int(round(host[hw * nk])), host[hw * nk + 1]
+        off = hw * nk + 2
+        grad_vals = [host[off + gw * i: off + gw * (i + 1)] for i in range(nk)]
+        s = host[-1]
+        if world > 1 and self.loss_reduction == "mean" and abs(n_sq * world - n * n) > 0.5:
+            raise ContractError("ranks saw different numbers of examples under a mean loss")
+
+        self._steps += 1
+        finite = all(math.isfinite(v) for v in host) and bool(torch.isfinite(per_example).all())
+        if not finite:
+            bad = [f"{layer.name}.{k}" for (layer, k), hv, gv in zip(keys, hook_vals, grad_vals)
+                   if not all(math.isfinite(v) for v in (*hv, *gv))]
+            if self.scaler is not None and self.scaler.is_enabled():
+                return self._skipped(n, s, f"non-finite gradients in {', '.join(bad)} "
+                                           "(the GradScaler skips this step)")
+            raise ContractError(f"non-finite gradient values in {', '.join(bad) or 'the model'}")
+
+        unscaled = False
+        if self.check_contract:
+            unscaled = self._verify(keys, hook_vals, grad_vals, world, s)
+        elif self.scaler is not None and self.scaler.is_enabled():
+            unscaled = _scaler_unscaled(self.scaler)
+
+        # c: what autograd's u_i carry on top of the per-example loss gradient g_i.
+        c = s
+        if self.loss_reduction == "mean":
+            c /= micro[0]
+        if self.accumulation == "mean":
+            c /= len(fids)
+        grad_to_sum = world * (s if unscaled else 1.0)  # sum_i u_i = grad_to_sum * p.grad
+        per_layer: dict[str, list[float]] = {}
+        for (layer, k), hv, gv in zip(keys, hook_vals, grad_vals):
+            acc = per_layer.setdefault(layer.name, [0.0, 0.0])
+            acc[0] += hv[0] / (c * c)
+            acc[1] += gv[0] * (grad_to_sum / (n * c)) ** 2
+        layer_stats = {}
+        for layer in layers:
+            est = self._estimate(*per_layer[layer.name], n)
+            layer.ema.update(est)
+            layer_stats[layer.name] = _layer_stats(est, layer.ema)
+        total = self._estimate(sum(v[0] for v in per_layer.values()),
+                               sum(v[1] for v in per_layer.values()), n)
+        self.ema.update(total)
+        return StepStats(
+            step=self._steps, n=n, skipped=False, skip_reason=None,
+            per_example_sq_norms=per_example / (c * c),
+            tr_sigma=total.tr_sigma, g2=total.g2, b_simple=total.b_simple,
+            defined=total.defined, reason=total.reason,
+            tr_sigma_ema=self.ema.tr_sigma, g2_ema=self.ema.g2, b_simple_ema=self.ema.b_simple,
+            b_simple_stderr=self.ema.b_simple_stderr, b_simple_interval=self.ema.interval(),
+            loss_scale=s, layers=layer_stats)
+
+    def _estimate(self, sum_sq: float, mean_sq: float, n: int) -> StepEstimate:
+        # Rounding can push n|gbar|^2 a hair above sum |g_i|^2 when every example agrees.
+        return step_estimate(sum_sq, min(mean_sq, sum_sq / n) if n > 1 else mean_sq, n,
+                             self.dataset_size)
+
+    def _skipped(self, n: int, s: float, why: str) -> StepStats:
+        nan = math.nan
+        return StepStats(
+            step=self._steps, n=n, skipped=True, skip_reason=why, per_example_sq_norms=None,
+            tr_sigma=nan, g2=nan, b_simple=nan, defined=False, reason=why,
+            tr_sigma_ema=self.ema.tr_sigma, g2_ema=self.ema.g2, b_simple_ema=self.ema.b_simple,
+            b_simple_stderr=self.ema.b_simple_stderr, b_simple_interval=self.ema.interval(),
+            loss_scale=s, layers={})
+
+    def _verify(self, keys, hook_vals, grad_vals, world: int, s: float) -> bool:
+        """Checks the projections ``<V_j, p.grad>`` against the hooks' ``<V_j, sum_i u_i>`` for
+        every parameter; returns whether ``.grad`` was already unscaled by the GradScaler."""
+
+        def mismatches(unscaled: bool) -> list[int]:
+            f = world * (s if unscaled else 1.0)
+            out = []
+            for i, ((layer, k), hv, gv) in enumerate(zip(keys, hook_vals, grad_vals)):
+                rtol = max(2000 * torch.finfo(layer.params[k].dtype).eps, 1e-10)
+                if any(abs(gv[1 + j] * f - hv[1 + j]) > rtol * hv[1 + PROBES + j] + 1e-300
+                       for j in range(PROBES)):
+                    out.append(i)
+            return out
+
+        bad = mismatches(False)
+        unscaled = False
+        if bad and s != 1.0:
+            bad_u = mismatches(True)
+            if len(bad_u) < len(bad):
+                bad, unscaled = bad_u, True
+        if bad:
+            raise ContractError(self._diagnose(keys, hook_vals, grad_vals, bad,
+                                               world * (s if unscaled else 1.0)))
+        for (layer, k), gv in zip(keys, grad_vals):
+            self._last_probe_grad[(layer.name, k)] = gv[1:]
+        return unscaled
+
+    def _diagnose(self, keys, hook_vals, grad_vals, bad, f: float) -> str:
+        """Names the likeliest cause of a probe mismatch; each test uses every direction."""
+        where = ", ".join(f"{keys[i][0].name}.{keys[i][1]}" for i in bad)
+        got = [[grad_vals[i][1 + j] * f for j in range(PROBES)] for i in bad]
+        want = [hook_vals[i][1:1 + PROBES] for i in bad]
+        tol = [[1e-3 * hook_vals[i][1 + PROBES + j] + 1e-300 for j in range(PROBES)]
+               for i in bad]
+
+        def same(xs: list[float]) -> bool:
+            return all(math.isfinite(x) and abs(x - xs[0]) <= 1e-3 * abs(xs[0]) for x in xs)
+
+        prev = [self._last_probe_grad.get((keys[i][0].name, keys[i][1])) for i in bad]
+        if all(p is not None and all(abs(g[j] - w[j] - p[j] * f) <= t[j] for j in range(PROBES))
+               for g, w, p, t in zip(got, want, prev, tol)):
+            return (f".grad of {where} was not zeroed since the last step: it still holds the "
+                    "previous gradient (call optimizer.zero_grad() after monitor.step())")
+        ratios = [g[j] / w[j] for g, w in zip(got, want) for j in range(PROBES) if w[j] != 0]
+        if ratios and same(ratios) and 0 <= ratios[0] < 1:
+            return (f".grad of {where} was scaled by {ratios[0]:.4g} before step() (gradient "
+                    "clipping?): call monitor.step() before clipping")
+        lams = []
+        for i, g, w in zip(bad, got, want):
+            layer, k = keys[i]
+            pv = layer.rule.probe_grad(k, layer.params[k].detach(), layer.vectors[k]).tolist()
+            lams += [(g[j] - w[j]) / (pv[j] * f) if pv[j] else math.nan for j in range(PROBES)]
+        if lams and same(lams) and lams[0] > 0:
+            return (f".grad of {where} had weight decay or an L2 term (~{lams[0]:.3g} x param) "
+                    "added before step(): call monitor.step() before it is added")
+        return (f".grad of {where} holds contributions the hooks never saw (a loss term that "
+                "bypasses the layer's output, a call outside the model's forward, a "
+                "parametrization, or a second backward): per-example norms would not match "
+                ".grad")
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the covered modules."""
+        return list(self._layers)
+
+    def state_dict(self) -> dict:
+        """Smoothed statistics and the step count, to resume a run."""
+        return {"steps": self._steps, "ema": self.ema.state_dict(),
+                "layers": {n: layer.ema.state_dict() for n, layer in self._layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self._layers) - set(state["layers"])
+        if missing:
+            raise ValueError(f"state has no statistics for layers {sorted(missing)}")
+        self._steps = int(state["steps"])
+        self.ema.load_state_dict(state["ema"])
+        for n, layer in self._layers.items():
+            layer.ema.load_state_dict(state["layers"][n])
+
+
+def _layer_stats(est: StepEstimate, ema: NoiseScaleEMA) -> LayerStats:
+    return LayerStats(est.tr_sigma, est.g2, est.b_simple, est.defined, est.reason,
+                      ema.tr_sigma, ema.g2, ema.b_simple)
+
+
+def _scaler_unscaled(scaler: torch.amp.GradScaler) -> bool:
+    from torch.amp.grad_scaler import OptState
+
+    return any(st.get("stage") == OptState.UNSCALED
+               for st in scaler._per_optimizer_states.values())
+
+
+def _refuse_training_batchnorm(name: str):
+    def hook(module: nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            raise ContractError(
+                f"{name} ({type(module).__name__}) is in training mode: batch statistics mix "
+                "the examples, so per-example gradients are not defined; use eval mode, "
+                "GroupNorm/LayerNorm, or detach the monitor")
+    return hook
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

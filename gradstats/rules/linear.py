@@ -1,0 +1,107 @@
+"""nn.Linear: |dW_i|^2 = |sum_t g_t a_t^T|_F^2 through the gradstats kernels, bias |sum_t g_t|^2."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _ops
+from . import register_rule
+from .base import PROBES, Rule
+
+
+def _needs(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return p is not None and p.requires_grad
+
+
+@register_rule(nn.Linear)
+class LinearRule(Rule):
+    supports_fused = True
+
+    def norms(self, module, saved, grad_output):
+        w, b = _ops.linear_norms(saved, grad_output)
+        out = {}
+        if _needs(module, "weight"):
+            out["weight"] = w
+        if _needs(module, "bias"):
+            out["bias"] = b
+        return out
+
+    def probe_vectors(self, name, param, gen):
+        # Rank-1 directions x y^T (PROBES of them), so <x y^T, dW> costs O(B T (d_in + d_out)).
+        def rand(n):
+            return torch.randn(n, PROBES, generator=gen, dtype=torch.float64).to(param.device)
+
+        if name == "weight":
+            return rand(param.shape[0]), rand(param.shape[1])
+        return (rand(param.shape[0]),)
+
+    def probe_grad(self, name, grad, vectors):
+        g = grad.double()
+        if name == "weight":
+            x, y = vectors
+            return ((g @ y) * x).sum(0)
+        return vectors[0].t() @ g
+
+    def probe(self, module, saved, grad_output, vectors):
+        G = grad_output.reshape(-1, grad_output.shape[-1]).double()
+        out = {}
+        if "weight" in vectors:
+            x, y = vectors["weight"]
+            A = saved.reshape(-1, saved.shape[-1]).double()
+            value = ((G @ x) * (A @ y)).sum(0)
+            bound = ((G.abs() @ x.abs()) * (A.abs() @ y.abs())).sum(0)  # scales the tolerance
+            out["weight"] = torch.cat([value, bound])
+        if "bias" in vectors:
+            v = vectors["bias"][0]
+            out["bias"] = torch.cat([(G @ v).sum(0), (G.abs() @ v.abs()).sum(0)])
+        return out
+
+    def fused_forward(self, module: nn.Module, begin) -> Any:
+        """A forward for ``module`` whose backward computes dW, db and the per-example norms in
+        one op. ``begin(module, requires_grad)`` returns the callback the backward reports
+        ``(saved_input, grad_output, norms)`` to, or None when this call is not counted."""
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            needs = module.weight.requires_grad or (module.bias is not None
+                                                    and module.bias.requires_grad)
+            report = begin(module, needs and torch.is_grad_enabled())
+            if report is None:
+                return F.linear(x, module.weight, module.bias)
+            return _FusedLinear.apply(x, module.weight, module.bias, report)
+
+        return forward
+
+
+class _FusedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, report):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.report = report
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = dW = db = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            dW, db, nw, nb = _ops.linear_fused(x.detach(), grad_out)
+            norms = {}
+            if ctx.needs_input_grad[1]:
+                norms["weight"] = nw
+                dW = dW.to(weight.dtype)
+            else:
+                dW = None
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                norms["bias"] = nb
+                db = db.to(weight.dtype)
+            else:
+                db = None
+            ctx.report(x.detach(), grad_out, norms)
+        return grad_x, dW, db, None

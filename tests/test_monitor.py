@@ -1,0 +1,381 @@
+"""GradStatsMonitor against explicit per-example gradients (torch.func) under the units contract."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradstats
+from gradstats import ContractError, GradStatsMonitor
+from monitor_problems import (PROBLEMS, data, example_losses, per_example_grads, reference_stats,
+                              train_step)
+
+MODES = ["hooks", "fused"]
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def _check(stats, ref, rtol):
+    torch.testing.assert_close(stats.per_example_sq_norms, ref["sq"], rtol=rtol, atol=0)
+    assert _rel(stats.tr_sigma, ref["tr"]) < rtol
+    assert _rel(stats.g2, ref["g2"]) < rtol
+    assert _rel(stats.b_simple, ref["b"]) < rtol
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("k, divide", [(1, False), (3, True), (3, False), (4, True), (4, False)])
+def test_step_matches_per_example_autograd(problem, mode, reduction, k, divide):
+    torch.manual_seed(1)
+    model = problem.make_model().double()
+    X, Y = data(problem, 12, seed=k)
+    ref = reference_stats(per_example_grads(model, X, Y))
+    mon = GradStatsMonitor(model, mode=mode, loss_reduction=reduction,
+                           accumulation="mean" if divide else "sum")
+    stats = train_step(model, mon, X, Y, k=k, reduction=reduction, divide=divide)
+    assert stats.n == 12 and stats.defined
+    _check(stats, ref, 1e-8)
+    # Per-layer values add up to the whole model's.
+    assert math.isclose(sum(s.tr_sigma for s in stats.layers.values()), stats.tr_sigma,
+                        rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
+def test_per_layer_matches_reference(problem, mode):
+    model = problem.make_model().double()
+    X, Y = data(problem, 9, seed=3)
+    refs = {name: reference_stats(per_example_grads(
+        model, X, Y, {f"{name}.{k}" for k, _ in module.named_parameters()}))
+        for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    mon = GradStatsMonitor(model, mode=mode)
+    stats = train_step(model, mon, X, Y)
+    assert set(refs) == set(stats.layers)
+    for name, ref in refs.items():
+        assert _rel(stats.layers[name].tr_sigma, ref["tr"]) < 1e-8
+        assert _rel(stats.layers[name].g2, ref["g2"]) < 1e-8
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_model(mode):
+    problem = PROBLEMS[1]
+    torch.manual_seed(2)
+    model = problem.make_model()
+    X, Y = data(problem, 16, dtype=torch.float32, seed=5)
+    ref = reference_stats(per_example_grads(model.double(), X.double(), Y.double()))
+    model.float()
+    mon = GradStatsMonitor(model, mode=mode)
+    stats = train_step(model, mon, X, Y, k=2)
+    torch.testing.assert_close(stats.per_example_sq_norms, ref["sq"], rtol=1e-5, atol=0)
+    assert abs(stats.g2 - ref["g2"]) <= 1e-5 * ref["gbar_sq"]
+    assert _rel(stats.tr_sigma, ref["tr"]) < 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler(mode, unscale_first):
+    problem = PROBLEMS[0]
+    torch.manual_seed(3)
+    model = problem.make_model().double()
+    X, Y = data(problem, 10, seed=7)
+    ref = reference_stats(per_example_grads(model, X, Y))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    mon = GradStatsMonitor(model, mode=mode, scaler=scaler)
+    stats = train_step(model, mon, X, Y, k=2, scaler=scaler, optimizer=opt,
+                       unscale_first=unscale_first)
+    assert stats.loss_scale == 2.0**16
+    _check(stats, ref, 1e-8)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_scale_and_batch_size_changes_do_not_move_the_smoothed_value(mode):
+    """A run whose scale changes (GradScaler backoff; batch size and so 1/b; accumulation count)
+    gives the same smoothed B_simple as the same run at a constant scale."""
+    problem = PROBLEMS[1]
+    torch.manual_seed(4)
+    base = problem.make_model().double()
+    sizes = [8, 8, 12, 12, 6, 9, 9, 8]
+    batches = [data(problem, n, seed=20 + i) for i, n in enumerate(sizes)]
+
+    def run(varying: bool):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6)
+        mon = GradStatsMonitor(model, mode=mode, scaler=scaler, beta=0.8,
+                               loss_reduction="mean" if varying else "sum",
+                               accumulation="mean" if varying else "sum")
+        out = []
+        for i, (X, Y) in enumerate(batches):
+            if varying and i == 3:
+                scaler.update(new_scale=2.0**5)  # as after repeated backoff
+            k = 3 if varying and len(X) % 3 == 0 else 1
+            if varying:
+                stats = train_step(model, mon, X, Y, k=k, reduction="mean", divide=True,
+                                   scaler=scaler, optimizer=opt)
+            else:  # the same update with a sum loss: scale the learning rate by 1/b
+                for g in opt.param_groups:
+                    g["lr"] = 0.05 / len(X)
+                stats = train_step(model, mon, X, Y, reduction="sum", divide=False,
+                                   scaler=scaler, optimizer=opt)
+            out.append((stats.b_simple_ema, stats.tr_sigma_ema, stats.g2_ema))
+        return out
+
+    for a, b in zip(run(True), run(False)):
+        for x, y in zip(a, b):
+            assert _rel(x, y) < 1e-9
+
+
+class Scale(nn.Module):
+    """A module with its own parameter and no gradstats rule."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.alpha
+
+
+def _model_with_unsupported():
+    return nn.Sequential(nn.Linear(5, 6), Scale(6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def test_unsupported_layer_error_names_it():
+    with pytest.raises(ValueError, match=r"1 \(Scale\)"):
+        GradStatsMonitor(_model_with_unsupported())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ignore_policy_restricts_every_statistic(mode):
+    model = _model_with_unsupported().double()
+    X, Y = data(PROBLEMS[0], 11, seed=9)
+    covered = {"0.weight", "0.bias", "3.weight", "3.bias"}
+    ref = reference_stats(per_example_grads(model, X, Y, covered))
+    with pytest.warns(UserWarning, match="Scale"):
+        GradStatsMonitor(model, unsupported="warn").detach()
+    mon = GradStatsMonitor(model, mode=mode, unsupported="ignore")
+    _check(train_step(model, mon, X, Y, k=1), ref, 1e-8)
+
+
+def test_dataset_size_correction():
+    model = PROBLEMS[0].make_model().double()
+    X, Y = data(PROBLEMS[0], 10, seed=11)
+    ref = reference_stats(per_example_grads(model, X, Y), dataset_size=50)
+    mon = GradStatsMonitor(model, dataset_size=50)
+    _check(train_step(model, mon, X, Y), ref, 1e-8)
+
+
+def test_single_example_step_is_undefined_and_skipped_by_the_ema():
+    model = PROBLEMS[0].make_model().double()
+    mon = GradStatsMonitor(model)
+    X, Y = data(PROBLEMS[0], 6, seed=12)
+    first = train_step(model, mon, X, Y)
+    one = train_step(model, mon, X[:1], Y[:1])
+    assert not one.defined and one.reason == "n == 1" and math.isnan(one.b_simple)
+    assert one.b_simple_ema == first.b_simple_ema
+
+
+def test_detach_restores_the_model():
+    model = PROBLEMS[1].make_model().double()
+    X, _ = data(PROBLEMS[1], 4)
+    before = model(X)
+    with GradStatsMonitor(model, mode="fused"):
+        assert "forward" in vars(model.inp)
+    assert "forward" not in vars(model.inp)
+    assert not model.inp._forward_hooks and not model._forward_pre_hooks
+    torch.testing.assert_close(model(X), before)
+
+
+def test_paused_backward_passes_are_not_counted():
+    model = PROBLEMS[0].make_model().double()
+    X, Y = data(PROBLEMS[0], 8, seed=13)
+    ref = reference_stats(per_example_grads(model, X, Y))
+    mon = GradStatsMonitor(model)
+    loss = example_losses(model(X), Y).mean()
+    with mon.paused():  # e.g. a Hessian-vector product that leaves .grad alone
+        g = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        torch.autograd.grad(sum((x * x).sum() for x in g), list(model.parameters()),
+                            retain_graph=True)
+    loss.backward()
+    _check(mon.step(), ref, 1e-8)
+
+
+def test_state_dict_resumes_the_same_smoothed_statistics():
+    problem = PROBLEMS[0]
+    torch.manual_seed(5)
+    base = problem.make_model().double()
+    batches = [data(problem, 8, seed=40 + i) for i in range(8)]
+
+    def run(resume_at=None):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = GradStatsMonitor(model, beta=0.7)
+        out = []
+        for i, (X, Y) in enumerate(batches):
+            if i == resume_at:
+                state = mon.state_dict()
+                mon.detach()
+                mon = GradStatsMonitor(model, beta=0.7)
+                mon.load_state_dict(state)
+            out.append(train_step(model, mon, X, Y, optimizer=opt))
+        return out
+
+    for a, b in zip(run(), run(resume_at=4)):
+        assert (a.step, a.b_simple_ema, a.b_simple_stderr) == (b.step, b.b_simple_ema,
+                                                               b.b_simple_stderr)
+
+
+# ------------------------------------------------------------------ contract violations
+def _fresh(mode="hooks", **kw):
+    model = PROBLEMS[0].make_model().double()
+    X, Y = data(PROBLEMS[0], 8, seed=14)
+    return model, GradStatsMonitor(model, mode=mode, **kw), X, Y
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_not_zeroed_is_named(mode):
+    model, mon, X, Y = _fresh(mode)
+    example_losses(model(X), Y).mean().backward()
+    mon.step()
+    example_losses(model(X), Y).mean().backward()
+    with pytest.raises(ContractError, match="not zeroed"):
+        mon.step()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clipping_before_step_is_named(mode):
+    model, mon, X, Y = _fresh(mode)
+    example_losses(model(X), Y).mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with pytest.raises(ContractError, match="clipping"):
+        mon.step()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_decay_in_grad_is_named(mode):
+    model, mon, X, Y = _fresh(mode)
+    example_losses(model(X), Y).mean().backward()
+    for p in model.parameters():
+        p.grad.add_(p.detach(), alpha=0.01)
+    with pytest.raises(ContractError, match="weight decay"):
+        mon.step()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unseen_contribution_is_named(mode):
+    model, mon, X, Y = _fresh(mode)
+    loss = example_losses(model(X), Y).mean() + model[0].weight.sum()  # bypasses the layer
+    loss.backward()
+    with pytest.raises(ContractError, match="never saw"):
+        mon.step()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_module_called_twice_is_refused(mode):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double()
+    mon = GradStatsMonitor(model, mode=mode)
+    layer = model[0]
+    with pytest.raises(ContractError, match="called twice"):
+        model.register_forward_hook(lambda m, i, o: layer(o))
+        model(torch.randn(3, 4, dtype=torch.float64))
+    mon.detach()
+
+
+def test_unequal_micro_batches_under_mean_loss_are_refused():
+    model, mon, X, Y = _fresh()
+    for xb, yb in [(X[:3], Y[:3]), (X[3:], Y[3:])]:
+        example_losses(model(xb), yb).mean().backward()
+    with pytest.raises(ContractError, match="unequal size"):
+        mon.step()
+
+
+def test_training_batchnorm_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    mon = GradStatsMonitor(model, unsupported="ignore")
+    with pytest.raises(ContractError, match="training mode"):
+        model(torch.randn(5, 4, dtype=torch.float64))
+    model.eval()
+    model(torch.randn(5, 4, dtype=torch.float64))
+    mon.detach()
+
+
+def test_shared_parameters_are_refused():
+    a = nn.Linear(4, 4)
+    b = nn.Linear(4, 4)
+    b.weight = a.weight
+    with pytest.raises(ContractError, match="shared"):
+        GradStatsMonitor(nn.Sequential(a, b))
+
+
+def test_non_finite_values_are_refused_and_skipped_under_a_scaler():
+    model, mon, X, Y = _fresh()
+    X = X.clone()
+    X[0, 0] = math.inf
+    example_losses(model(X), Y).mean().backward()
+    with pytest.raises(ContractError, match="non-finite"):
+        mon.step()
+    model.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    mon2 = GradStatsMonitor(model, scaler=scaler)
+    mon.detach()
+    scaler.scale(example_losses(model(X), Y).mean()).backward()
+    stats = mon2.step()
+    assert stats.skipped and "non-finite" in stats.skip_reason and mon2.ema.steps == 0
+
+
+def test_second_backward_through_one_forward_is_refused():
+    model, mon, X, Y = _fresh()
+    loss = example_losses(model(X), Y).mean()
+    loss.backward(retain_graph=True)
+    with pytest.raises(ContractError, match="twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mode": "magic"}, "mode must be one of"),
+    ({"loss_reduction": "median"}, "loss_reduction must be one of"),
+    ({"unsupported": "skip"}, "unsupported must be one of"),
+    ({"dataset_size": 1}, "dataset_size must be"),
+    ({"beta": 1.5}, "beta"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradStatsMonitor(PROBLEMS[0].make_model(), **kwargs)
+
+
+def test_step_without_backward_is_an_error():
+    model, mon, X, Y = _fresh()
+    with pytest.raises(RuntimeError, match="no counted backward"):
+        mon.step()
+
+
+def test_activations_are_released_and_nothing_grows():
+    import gc
+    import tracemalloc
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mon = GradStatsMonitor(model, mode="hooks")
+    X, Y = torch.randn(6, 4), torch.randn(6, 2)
+
+    def steps(n):
+        for _ in range(n):
+            example_losses(model(X), Y).mean().backward()
+            mon.step()
+            opt.zero_grad()
+
+    steps(200)
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.take_snapshot()
+    steps(10_000)
+    gc.collect()
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
+    tracemalloc.stop()
+    assert grown < 256 * 1024
+    assert all(not layer.norms and not layer.probes for layer in mon._layers.values())
