@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test run on a fresh machine: a fresh virtualenv, torch, the build (CUDA kernels too
+# where nvcc is present), then pytest. Benchmarks are not part of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${VENV:-.venv-test}
+start=$(date +%s)
+FRESH=1 bash scripts/setup_env.sh "$venv" test
+built=$(date +%s)
+"$venv/bin/pytest" -q -p no:cacheprovider tests "$@"
+echo "gradstats: setup+build $(( built - start )) s, tests $(( $(date +%s) - built )) s"
