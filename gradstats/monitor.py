@@ -18,7 +18,7 @@ from torch import nn
 
 from .estimators import NoiseScaleEMA, StepEstimate, step_estimate
 from .rules import Rule, rule_for
-from .rules.base import PROBES
+from .rules.base import PROBES, cross_term
 
 __all__ = ["GradStatsMonitor", "StepStats", "LayerStats", "ContractError"]
 
@@ -71,21 +71,25 @@ class StepStats:
     layers: dict[str, LayerStats] = field(default_factory=dict)
 
 
+class _Param:
+    """A covered parameter: its probe directions and the layer its statistics are filed under
+    (the first of its owners when it is shared)."""
+
+    def __init__(self, qualname: str, param: nn.Parameter, layer: str, rule: Rule,
+                 local: str, gen: torch.Generator):
+        self.qualname, self.param, self.layer, self.rule, self.local = (
+            qualname, param, layer, rule, local)
+        self.vectors = rule.probe_vectors(local, param, gen)
+        self.uses = 1
+
+
 class _Layer:
-    """A covered module: its rule, parameters, probes and this step's collected values."""
+    """A covered module: its rule and the parameters it contributes to."""
 
-    def __init__(self, name: str, module: nn.Module, rule: Rule, params: dict[str, nn.Parameter],
-                 gen: torch.Generator):
+    def __init__(self, name: str, module: nn.Module, rule: Rule, params: dict[str, _Param]):
         self.name, self.module, self.rule, self.params = name, module, rule, params
-        self.vectors = {k: rule.probe_vectors(k, p, gen) for k, p in params.items()}
         self.handles: list[Any] = []
-        self.ema = NoiseScaleEMA()
-        self.last_forward = -1
-        self.reset()
-
-    def reset(self) -> None:
-        self.norms: dict[int, dict[str, torch.Tensor]] = {}  # forward id -> {param: [b]}
-        self.probes: list[dict[str, torch.Tensor]] = []
+        self.calls: dict[int, int] = {}  # forward id -> calls so far in that forward
 
 
 def _is_batchnorm(m: nn.Module) -> bool:
@@ -125,9 +129,10 @@ class GradStatsMonitor:
         loss_reduction: Literal["mean", "sum"] = "mean",
         accumulation: Literal["mean", "sum"] = "mean",
         scaler: torch.amp.GradScaler | None = None,
-        unsupported: Literal["error", "warn", "ignore"] = "error",
+        unsupported: Literal["error", "warn", "ignore", "fallback"] = "error",
         beta: float = 0.99,
         dataset_size: int | None = None,
+        batch_dim: int = 0,
         check_contract: bool = True,
         process_group: Any = None,
         seed: int = 0,
@@ -135,58 +140,80 @@ class GradStatsMonitor:
         _choice("mode", mode, ("hooks", "fused"))
         _choice("loss_reduction", loss_reduction, ("mean", "sum"))
         _choice("accumulation", accumulation, ("mean", "sum"))
-        _choice("unsupported", unsupported, ("error", "warn", "ignore"))
+        _choice("unsupported", unsupported, ("error", "warn", "ignore", "fallback"))
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 2):
             raise ValueError(f"dataset_size must be an int >= 2, got {dataset_size!r}")
+        if not isinstance(batch_dim, int) or batch_dim < 0:
+            raise ValueError(f"batch_dim must be a non-negative int, got {batch_dim!r}")
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         self.model = model.module if self._ddp else model
         self.mode, self.loss_reduction, self.accumulation = mode, loss_reduction, accumulation
-        self.scaler, self.dataset_size = scaler, dataset_size
+        self.scaler, self.dataset_size, self.batch_dim = scaler, dataset_size, batch_dim
         self.check_contract, self.process_group = check_contract, process_group
-        self.beta = beta
         self.ema = NoiseScaleEMA(beta)
         self._steps = 0
         self._paused = 0
         self._forward_id = 0
         self._scale_seen: torch.Tensor | None = None
-        self._last_probe_grad: dict[tuple[str, str], float] = {}
+        self._last_probe_grad: dict[int, list[float]] = {}
+        self._params: dict[int, _Param] = {}
         self._layers = self._discover(unsupported, seed)
-        for layer in self._layers.values():
-            layer.ema = NoiseScaleEMA(beta)
+        self._layer_ema = {n: NoiseScaleEMA(beta)
+                           for n in dict.fromkeys(p.layer for p in self._params.values())}
         self._by_module = {id(layer.module): layer for layer in self._layers.values()}
+        self._reset()
         self._attach()
 
     # ----------------------------------------------------------------------------- set-up
     def _discover(self, unsupported: str, seed: int) -> dict[str, _Layer]:
+        from .rules.fallback import FallbackRule
+
         gen = torch.Generator().manual_seed(seed)
-        owners: dict[int, str] = {}
-        layers: dict[str, _Layer] = {}
-        uncovered = []
+        owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
         for name, module in self.model.named_modules():
-            own = {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
             for k, p in module.named_parameters(recurse=False):
-                where = f"{name}.{k}" if name else k
-                if id(p) in owners:
-                    raise ContractError(
-                        f"parameter {where} is shared with {owners[id(p)]}: shared parameters "
-                        "need cross terms between their uses and are not supported yet")
-                owners[id(p)] = where
-            if not own:
+                if p.requires_grad:
+                    owners.setdefault(id(p), []).append((name, module, k))
+        rules: dict[str, Rule | None] = {}
+        uncovered: dict[str, nn.Module] = {}
+        for name, module in self.model.named_modules():
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             rule = rule_for(module)
-            if rule is None or _is_batchnorm(module):
-                uncovered.append((name, module))
-                continue
-            layers[name] = _Layer(name, module, rule, own, gen)
+            if rule is None and unsupported == "fallback":
+                rule = FallbackRule()
+            if rule is not None and self.batch_dim != 0 and not rule.batch_dim_movable:
+                raise ValueError(f"batch_dim={self.batch_dim} is not supported for {name} "
+                                 f"({type(module).__name__}), whose batch dim is fixed")
+            rules[name] = rule
+            if rule is None:
+                uncovered[name] = module
         if uncovered:
-            names = ", ".join(f"{n or '<root>'} ({type(m).__name__})" for n, m in uncovered)
+            names = ", ".join(f"{n or '<root>'} ({type(m).__name__})" for n, m in uncovered.items())
             msg = (f"no gradstats rule for {names}; their parameters would be left out of every "
-                   "statistic. Pass unsupported='ignore' (or 'warn') to measure the covered "
-                   "parameters only")
+                   "statistic. Pass unsupported='fallback' (torch.func per module), or 'ignore' "
+                   "(or 'warn') to measure the covered parameters only")
             if unsupported == "error":
                 raise ValueError(msg)
             if unsupported == "warn":
                 warnings.warn(msg, stacklevel=3)
+        layers: dict[str, _Layer] = {}
+        for name, module in self.model.named_modules():
+            rule = rules.get(name)
+            if rule is None:
+                continue
+            mine: dict[str, _Param] = {}
+            for k, p in module.named_parameters(recurse=False):
+                uses = owners.get(id(p), [])
+                if not uses or any(rules.get(n) is None for n, _, _ in uses):
+                    continue  # frozen, or shared with a module that has no rule: left out
+                if id(p) not in self._params:
+                    self._params[id(p)] = _Param(f"{name}.{k}" if name else k, p, name, rule, k,
+                                                 gen)
+                mine[k] = self._params[id(p)]
+                self._params[id(p)].uses = len(uses)
+            if mine:
+                layers[name] = _Layer(name, module, rule, mine)
         if not layers:
             raise ValueError("the model has no trainable parameters in supported layers")
         return layers
@@ -198,10 +225,11 @@ class GradStatsMonitor:
             for n, m in self.model.named_modules() if _is_batchnorm(m)
         ]
         for layer in self._layers.values():
-            if self.mode == "fused" and layer.rule.supports_fused:
+            if self.mode == "fused" and layer.rule.supports_fused and self.batch_dim == 0:
                 layer.module.forward = layer.rule.fused_forward(layer.module, self._begin_fused)
             else:
-                layer.handles.append(layer.module.register_forward_hook(self._on_forward))
+                layer.handles.append(layer.module.register_forward_hook(
+                    self._on_forward, with_kwargs=getattr(layer.rule, "wants_kwargs", False)))
 
     def detach(self) -> None:
         """Removes every hook and restores the layers' own forward."""
@@ -232,29 +260,42 @@ class GradStatsMonitor:
             self._paused -= 1
 
     # ----------------------------------------------------------------------------- hooks
+    def _reset(self) -> None:
+        self._norms: dict[int, dict[int, torch.Tensor]] = {}  # forward id -> param id -> [b]
+        self._probes: dict[int, torch.Tensor] = {}  # param id -> [2 PROBES]
+        self._factors: dict[tuple[int, int], list[Any]] = {}  # (param id, forward id) -> uses
+        self._seen: set[tuple[str, int, Any]] = set()
+        self._scale_seen = None
+        for layer in self._layers.values():
+            layer.calls.clear()
+
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
         if not self._paused:
             self._forward_id += 1
 
-    def _counted_forward(self, layer: _Layer, requires_grad: bool) -> bool:
+    def _counted_forward(self, layer: _Layer, requires_grad: bool) -> int | None:
+        """The call's index within this forward, or None when the call is not counted."""
         if self._paused or not torch.is_grad_enabled() or not requires_grad:
-            return False
+            return None
         if torch._C._current_graph_task_id() != -1:
-            return False  # recomputation under activation checkpointing, inside backward
-        if layer.last_forward == self._forward_id:
-            raise ContractError(
-                f"module {layer.name} ({type(layer.module).__name__}) was called twice in one "
-                "forward: its per-example gradient needs the cross terms between the calls, "
-                "which are not supported yet")
-        layer.last_forward = self._forward_id
-        return True
+            return None  # recomputation under activation checkpointing, inside backward
+        call = layer.calls.get(self._forward_id, 0)
+        layer.calls[self._forward_id] = call + 1
+        return call
 
-    def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+    def _on_forward(self, module: nn.Module, *hook_args: Any) -> None:
         layer = self._by_module[id(module)]
-        if not isinstance(output, torch.Tensor) or not self._counted_forward(
-                layer, output.requires_grad):
+        output = hook_args[-1]
+        inputs = hook_args[0] if len(hook_args) == 2 else hook_args[:2]
+        if not isinstance(output, torch.Tensor):
             return
-        cell = [layer.rule.capture(module, inputs, output)]
+        call = self._counted_forward(layer, output.requires_grad)
+        if call is None:
+            return
+        saved = layer.rule.capture(module, inputs, output)
+        if self.batch_dim:
+            saved = _batch_first(saved, self.batch_dim)
+        cell = [saved]
         fid = self._forward_id
 
         def on_grad(grad: torch.Tensor) -> None:
@@ -265,35 +306,67 @@ class GradStatsMonitor:
                     f"backward reached the output of {layer.name} twice for one forward; wrap "
                     "backward passes that are not training steps in monitor.paused()")
             saved, cell[0] = cell[0], None  # release the activation at once
-            self._collect(layer, fid, saved, grad, None)
+            if self.batch_dim:
+                grad = grad.movedim(self.batch_dim, 0)
+            self._collect(layer, fid, call, saved, grad, None)
 
         output.register_hook(on_grad)
 
     def _begin_fused(self, module: nn.Module, requires_grad: bool):
         """Called by a fused forward: the callback its backward reports to, or None."""
         layer = self._by_module[id(module)]
-        if not self._counted_forward(layer, requires_grad):
+        call = self._counted_forward(layer, requires_grad)
+        if call is None:
             return None
         fid = self._forward_id
 
         def on_backward(saved: torch.Tensor, grad: torch.Tensor,
                         norms: dict[str, torch.Tensor]) -> None:
             if not self._paused:
-                self._collect(layer, fid, saved, grad, norms)
+                self._collect(layer, fid, call, saved, grad, norms)
 
         return on_backward
 
-    def _collect(self, layer: _Layer, fid: int, saved: Any, grad: torch.Tensor,
+    def _collect(self, layer: _Layer, fid: int, part: Any, saved: Any, grad: torch.Tensor,
                  norms: dict[str, torch.Tensor] | None) -> None:
-        if fid in layer.norms:
+        key = (layer.name, fid, part)
+        if key in self._seen:
             raise ContractError(
                 f"backward reached the output of {layer.name} twice for one forward; wrap "
                 "backward passes that are not training steps in monitor.paused()")
-        if norms is None:
-            norms = layer.rule.norms(layer.module, saved, grad)
-        layer.norms[fid] = {k: v.detach() for k, v in norms.items()}
-        if self.check_contract:
-            layer.probes.append(layer.rule.probe(layer.module, saved, grad, layer.vectors))
+        self._seen.add(key)
+        vectors = ({k: p.vectors for k, p in layer.params.items()} if self.check_contract
+                   else None)
+        self._paused += 1  # a rule may run the module again (the torch.func fallback)
+        try:
+            if norms is None:
+                norms, probes = layer.rule.collect(layer.module, saved, grad, vectors)
+            else:
+                probes = ({} if vectors is None
+                          else layer.rule.probe(layer.module, saved, grad, vectors))
+            shared = [k for k, p in layer.params.items()
+                      if k in norms and (p.uses > 1 or layer.calls.get(fid, 1) > 1)]
+            factors = layer.rule.factors(layer.module, saved, grad) if shared else {}
+        except NotImplementedError:
+            raise ContractError(
+                f"{', '.join(layer.params[k].qualname for k in shared)} is used more than once "
+                f"per forward, and the {type(layer.rule).__name__} has no cross terms for it"
+            ) from None
+        finally:
+            self._paused -= 1
+        acc = self._norms.setdefault(fid, {})
+        for k, v in norms.items():
+            pid = id(layer.params[k].param)
+            v = v.detach().double()
+            if k in shared:
+                uses = self._factors.setdefault((pid, fid), [])
+                for prev in uses:
+                    v = v + 2.0 * cross_term(prev, factors[k]).to(v.device)
+                uses.append(factors[k])
+            acc[pid] = acc[pid] + v if pid in acc else v
+        for k, v in probes.items():
+            pid = id(layer.params[k].param)
+            self._probes[pid] = self._probes[pid] + v if pid in self._probes else v
         if self.scaler is not None and self._scale_seen is None and self.scaler.is_enabled():
             self._scale_seen = self.scaler._scale.detach().clone()
 
@@ -308,23 +381,20 @@ class GradStatsMonitor:
         try:
             return self._step()
         finally:
-            for layer in self._layers.values():
-                layer.reset()
-            self._scale_seen = None
+            self._reset()
 
     def _step(self) -> StepStats:
-        layers = list(self._layers.values())
-        fids = sorted({fid for layer in layers for fid in layer.norms})
+        fids = sorted(self._norms)
         if not fids:
             raise RuntimeError("step() called with no counted backward pass since the last step")
         sizes: dict[int, int] = {}
-        for layer in layers:
-            for fid, d in layer.norms.items():
-                for k, v in d.items():
-                    if sizes.setdefault(fid, v.shape[0]) != v.shape[0]:
-                        raise ContractError(
-                            f"layers disagree on the batch size of one forward: {layer.name}.{k} "
-                            f"has {v.shape[0]} examples, others {sizes[fid]}")
+        for fid in fids:
+            for pid, v in self._norms[fid].items():
+                if sizes.setdefault(fid, v.shape[0]) != v.shape[0]:
+                    raise ContractError(
+                        f"layers disagree on the batch size of one forward: "
+                        f"{self._params[pid].qualname} has {v.shape[0]} examples, others "
+                        f"{sizes[fid]}")
         micro = [sizes[f] for f in fids]
         if self.loss_reduction == "mean" and len(set(micro)) > 1:
             raise ContractError(
@@ -332,28 +402,27 @@ class GradStatsMonitor:
                 "different 1/b, so the summed gradient is not a mean over examples; use equal "
                 "micro-batches or loss_reduction='sum'")
         n_local = sum(micro)
-        device = next(iter(layers[0].params.values())).device
+        params = list(self._params.values())
+        device = params[0].param.device
 
         # Device-side values, packed so that one transfer (and one all-reduce) carries them.
-        keys = [(layer, k) for layer in layers for k in layer.params]
         zero = torch.zeros(1, dtype=torch.float64, device=device)
         no_probe = torch.zeros(2 * PROBES, dtype=torch.float64, device=device)
         hook_side, grad_side = [], []
-        for layer, k in keys:
-            s = sum((d[k].double().sum().to(device) for d in layer.norms.values() if k in d), zero)
-            pr = [p[k].to(device) for p in layer.probes if k in p]
-            hook_side += [s.reshape(1), torch.stack(pr).sum(0) if pr else no_probe]
-            g = layer.params[k].grad
+        for P in params:
+            pid = id(P.param)
+            s = sum((d[pid].sum().to(device) for d in self._norms.values() if pid in d), zero)
+            hook_side += [s.reshape(1), self._probes.get(pid, no_probe).to(device)]
+            g = P.param.grad
             if g is None:
                 grad_side.append(torch.zeros(1 + PROBES, dtype=torch.float64, device=device))
             else:
-                gd = g.detach()
+                gd = _dense(g.detach())
                 grad_side += [gd.double().square().sum().reshape(1).to(device),
-                              layer.rule.probe_grad(k, gd, layer.vectors[k]).to(device)]
+                              P.rule.probe_grad(P.local, gd, P.vectors).to(device)]
         per_example = torch.cat([
-            sum((layer.norms[f][k].double().to(device) for layer in layers
-                 for k in layer.norms.get(f, {})), torch.zeros(sizes[f], dtype=torch.float64,
-                                                             device=device))
+            sum((v.to(device) for v in self._norms[f].values()),
+                torch.zeros(sizes[f], dtype=torch.float64, device=device))
             for f in fids])
         scale = (self._scale_seen.double().reshape(1).to(device) if self._scale_seen is not None
                  else torch.ones(1, dtype=torch.float64, device=device))
@@ -364,6 +433,7 @@ class GradStatsMonitor:
             torch.distributed.all_reduce(hook_t, group=self.process_group)
         host = torch.cat([hook_t, *grad_side, scale]).cpu().tolist()
         per_example = per_example.cpu()
+        keys = params
 
         nk, hw, gw = len(keys), 1 + 2 * PROBES, 1 + PROBES
         hook_vals = [host[hw * i: hw * (i + 1)] for i in range(nk)]
@@ -377,7 +447,7 @@ class GradStatsMonitor:
         self._steps += 1
         finite = all(math.isfinite(v) for v in host) and bool(torch.isfinite(per_example).all())
         if not finite:
-            bad = [f"{layer.name}.{k}" for (layer, k), hv, gv in zip(keys, hook_vals, grad_vals)
+            bad = [P.qualname for P, hv, gv in zip(keys, hook_vals, grad_vals)
                    if not all(math.isfinite(v) for v in (*hv, *gv))]
             if self.scaler is not None and self.scaler.is_enabled():
                 return self._skipped(n, s, f"non-finite gradients in {', '.join(bad)} "
@@ -398,15 +468,15 @@ class GradStatsMonitor:
             c /= len(fids)
         grad_to_sum = world * (s if unscaled else 1.0)  # sum_i u_i = grad_to_sum * p.grad
         per_layer: dict[str, list[float]] = {}
-        for (layer, k), hv, gv in zip(keys, hook_vals, grad_vals):
-            acc = per_layer.setdefault(layer.name, [0.0, 0.0])
+        for P, hv, gv in zip(keys, hook_vals, grad_vals):
+            acc = per_layer.setdefault(P.layer, [0.0, 0.0])
             acc[0] += hv[0] / (c * c)
             acc[1] += gv[0] * (grad_to_sum / (n * c)) ** 2
         layer_stats = {}
-        for layer in layers:
-            est = self._estimate(*per_layer[layer.name], n)
-            layer.ema.update(est)
-            layer_stats[layer.name] = _layer_stats(est, layer.ema)
+        for name, (sum_sq, mean_sq) in per_layer.items():
+            est = self._estimate(sum_sq, mean_sq, n)
+            self._layer_ema[name].update(est)
+            layer_stats[name] = _layer_stats(est, self._layer_ema[name])
         total = self._estimate(sum(v[0] for v in per_layer.values()),
                                sum(v[1] for v in per_layer.values()), n)
         self.ema.update(total)
@@ -440,8 +510,8 @@ class GradStatsMonitor:
         def mismatches(unscaled: bool) -> list[int]:
             f = world * (s if unscaled else 1.0)
             out = []
-            for i, ((layer, k), hv, gv) in enumerate(zip(keys, hook_vals, grad_vals)):
-                rtol = max(2000 * torch.finfo(layer.params[k].dtype).eps, 1e-10)
+            for i, (P, hv, gv) in enumerate(zip(keys, hook_vals, grad_vals)):
+                rtol = max(2000 * torch.finfo(P.param.dtype).eps, 1e-10)
                 if any(abs(gv[1 + j] * f - hv[1 + j]) > rtol * hv[1 + PROBES + j] + 1e-300
                        for j in range(PROBES)):
                     out.append(i)
@@ -456,13 +526,13 @@ class GradStatsMonitor:
         if bad:
             raise ContractError(self._diagnose(keys, hook_vals, grad_vals, bad,
                                                world * (s if unscaled else 1.0)))
-        for (layer, k), gv in zip(keys, grad_vals):
-            self._last_probe_grad[(layer.name, k)] = gv[1:]
+        for P, gv in zip(keys, grad_vals):
+            self._last_probe_grad[id(P.param)] = gv[1:]
         return unscaled
 
     def _diagnose(self, keys, hook_vals, grad_vals, bad, f: float) -> str:
         """Names the likeliest cause of a probe mismatch; each test uses every direction."""
-        where = ", ".join(f"{keys[i][0].name}.{keys[i][1]}" for i in bad)
+        where = ", ".join(keys[i].qualname for i in bad)
         got = [[grad_vals[i][1 + j] * f for j in range(PROBES)] for i in bad]
         want = [hook_vals[i][1:1 + PROBES] for i in bad]
         tol = [[1e-3 * hook_vals[i][1 + PROBES + j] + 1e-300 for j in range(PROBES)]
@@ -471,7 +541,7 @@ class GradStatsMonitor:
         def same(xs: list[float]) -> bool:
             return all(math.isfinite(x) and abs(x - xs[0]) <= 1e-3 * abs(xs[0]) for x in xs)
 
-        prev = [self._last_probe_grad.get((keys[i][0].name, keys[i][1])) for i in bad]
+        prev = [self._last_probe_grad.get(id(keys[i].param)) for i in bad]
         if all(p is not None and all(abs(g[j] - w[j] - p[j] * f) <= t[j] for j in range(PROBES))
                for g, w, p, t in zip(got, want, prev, tol)):
             return (f".grad of {where} was not zeroed since the last step: it still holds the "
@@ -482,8 +552,8 @@ class GradStatsMonitor:
                     "clipping?): call monitor.step() before clipping")
         lams = []
         for i, g, w in zip(bad, got, want):
-            layer, k = keys[i]
-            pv = layer.rule.probe_grad(k, layer.params[k].detach(), layer.vectors[k]).tolist()
+            P = keys[i]
+            pv = P.rule.probe_grad(P.local, P.param.detach(), P.vectors).tolist()
             lams += [(g[j] - w[j]) / (pv[j] * f) if pv[j] else math.nan for j in range(PROBES)]
         if lams and same(lams) and lams[0] > 0:
             return (f".grad of {where} had weight decay or an L2 term (~{lams[0]:.3g} x param) "
@@ -496,27 +566,44 @@ class GradStatsMonitor:
     # ----------------------------------------------------------------------------- state
     @property
     def layer_names(self) -> list[str]:
-        """Names of the covered modules."""
-        return list(self._layers)
+        """Names of the layers the statistics are reported for."""
+        return list(self._layer_ema)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Qualified names of the parameters every statistic covers."""
+        return [p.qualname for p in self._params.values()]
 
     def state_dict(self) -> dict:
         """Smoothed statistics and the step count, to resume a run."""
         return {"steps": self._steps, "ema": self.ema.state_dict(),
-                "layers": {n: layer.ema.state_dict() for n, layer in self._layers.items()}}
+                "layers": {n: e.state_dict() for n, e in self._layer_ema.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        missing = set(self._layers) - set(state["layers"])
+        missing = set(self._layer_ema) - set(state["layers"])
         if missing:
             raise ValueError(f"state has no statistics for layers {sorted(missing)}")
         self._steps = int(state["steps"])
         self.ema.load_state_dict(state["ema"])
-        for n, layer in self._layers.items():
-            layer.ema.load_state_dict(state["layers"][n])
+        for n, e in self._layer_ema.items():
+            e.load_state_dict(state["layers"][n])
 
 
 def _layer_stats(est: StepEstimate, ema: NoiseScaleEMA) -> LayerStats:
     return LayerStats(est.tr_sigma, est.g2, est.b_simple, est.defined, est.reason,
                       ema.tr_sigma, ema.g2, ema.b_simple)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t.coalesce().to_dense() if t.is_sparse else t
+
+
+def _batch_first(saved: Any, dim: int) -> Any:
+    if isinstance(saved, torch.Tensor):
+        return saved.movedim(dim, 0)
+    if isinstance(saved, tuple):
+        return tuple(_batch_first(x, dim) for x in saved)
+    return saved
 
 
 def _scaler_unscaled(scaler: torch.amp.GradScaler) -> bool:

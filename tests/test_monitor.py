@@ -275,15 +275,43 @@ def test_unseen_contribution_is_named(mode):
         mon.step()
 
 
+class Twice(nn.Module):
+    """One Linear applied twice per forward (its per-example gradient has cross terms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.lin(torch.tanh(self.lin(x))))
+
+
+class Tied(nn.Module):
+    """Two Linear layers sharing one weight (and a token axis, so the cross terms span T^2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6, bias=False)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x))))).mean(1)
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_module_called_twice_is_refused(mode):
-    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double()
+@pytest.mark.parametrize("make, x_shape", [(Twice, (5,)), (Tied, (4, 6))],
+                         ids=["called-twice", "tied"])
+def test_shared_parameters_get_their_cross_terms(mode, make, x_shape):
+    torch.manual_seed(6)
+    model = make().double()
+    X = torch.randn(7, *x_shape, dtype=torch.float64)
+    Y = 2.0 + torch.randn(7, 3, dtype=torch.float64)
+    ref = reference_stats(per_example_grads(model, X, Y))
     mon = GradStatsMonitor(model, mode=mode)
-    layer = model[0]
-    with pytest.raises(ContractError, match="called twice"):
-        model.register_forward_hook(lambda m, i, o: layer(o))
-        model(torch.randn(3, 4, dtype=torch.float64))
-    mon.detach()
+    _check(train_step(model, mon, X, Y, k=1), ref, 1e-8)
 
 
 def test_unequal_micro_batches_under_mean_loss_are_refused():
@@ -304,12 +332,13 @@ def test_training_batchnorm_is_refused():
     mon.detach()
 
 
-def test_shared_parameters_are_refused():
-    a = nn.Linear(4, 4)
-    b = nn.Linear(4, 4)
-    b.weight = a.weight
-    with pytest.raises(ContractError, match="shared"):
-        GradStatsMonitor(nn.Sequential(a, b))
+def test_shared_with_an_uncovered_module_is_left_out_consistently():
+    lin = nn.Linear(4, 4)
+    scale = Scale(4)
+    scale.alpha = nn.Parameter(torch.ones(4))
+    model = nn.Sequential(lin, scale, nn.Linear(4, 2)).double()
+    mon = GradStatsMonitor(model, unsupported="ignore")
+    assert "1.alpha" not in mon.parameter_names and "0.weight" in mon.parameter_names
 
 
 def test_non_finite_values_are_refused_and_skipped_under_a_scaler():
@@ -379,3 +408,46 @@ def test_activations_are_released_and_nothing_grows():
     tracemalloc.stop()
     assert grown < 256 * 1024
     assert all(not layer.norms and not layer.probes for layer in mon._layers.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fallback_policy_covers_layers_without_a_rule(mode):
+    model = _model_with_unsupported().double()
+    X, Y = data(PROBLEMS[0], 9, seed=15)
+    ref = reference_stats(per_example_grads(model, X, Y))
+    mon = GradStatsMonitor(model, mode=mode, unsupported="fallback")
+    assert "1.alpha" in mon.parameter_names
+    _check(train_step(model, mon, X, Y, k=1), ref, 1e-8)
+
+
+class SeqFirst(nn.Module):
+    """Linear layers over a sequence-first input [T, B, d], pooled over T."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 7)
+        self.b = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).mean(0)
+
+
+class BatchFirst(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sequence_first_layout(mode):
+    torch.manual_seed(7)
+    model = SeqFirst().double()
+    X = torch.randn(8, 5, 6, dtype=torch.float64)  # batch-first copy for the reference
+    Y = 2.0 + torch.randn(8, 3, dtype=torch.float64)
+    ref = reference_stats(per_example_grads(BatchFirst(model), X, Y))
+    mon = GradStatsMonitor(model, mode=mode, batch_dim=1)
+    example_losses(model(X.transpose(0, 1)), Y).mean().backward()
+    _check(mon.step(), ref, 1e-8)

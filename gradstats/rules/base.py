@@ -1,6 +1,7 @@
 """The interface every per-layer rule implements."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,14 @@ class Rule:
 
     #: whether :meth:`fused_forward` exists (dW and norms from one backward computation)
     supports_fused: bool = False
+    #: whether the layer accepts inputs whose batch dim is not first (the monitor moves it)
+    batch_dim_movable: bool = False
+
+    def factors(self, module: nn.Module, saved: Any, grad_output: torch.Tensor
+                ) -> dict[str, Factor]:
+        """Factored per-example gradients (see :class:`Factor`), needed when a parameter is
+        used more than once per forward; rules without them refuse shared parameters."""
+        raise NotImplementedError
 
     def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
         """What backward needs from forward; by default the first input, detached."""
@@ -29,6 +38,14 @@ class Rule:
               ) -> dict[str, torch.Tensor]:
         """``{param_name: [B] per-example squared norms}`` for the parameters that need grads."""
         raise NotImplementedError
+
+    def collect(self, module: nn.Module, saved: Any, grad_output: torch.Tensor,
+                vectors: dict[str, tuple[torch.Tensor, ...]] | None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`norms` and (when ``vectors`` is given) :meth:`probe` together."""
+        norms = self.norms(module, saved, grad_output)
+        probes = {} if vectors is None else self.probe(module, saved, grad_output, vectors)
+        return norms, probes
 
     def probe_vectors(self, name: str, param: torch.Tensor, gen: torch.Generator
                       ) -> tuple[torch.Tensor, ...]:
@@ -46,3 +63,36 @@ class Rule:
         forward/backward data, then for each a bound on the sum of the absolute values of its
         terms (which sets the rounding tolerance of the comparison)."""
         raise NotImplementedError
+
+
+@dataclass
+class Factor:
+    """One use's per-example gradient of a 2-D (or 1-D) parameter in factored form,
+    ``u_i = sum_t r_it c_it^T``: ``rows`` ``[B, T, R]`` (or ``row_ids`` ``[B, T]``, the one-hot
+    rows of an embedding lookup, ``-1`` where a position contributes nothing) and ``cols``
+    ``[B, T, C]``. A bias is ``cols = 1``. Cross terms between two uses of a shared parameter
+    come from these without forming ``u_i``."""
+
+    cols: torch.Tensor
+    rows: torch.Tensor | None = None
+    row_ids: torch.Tensor | None = None
+
+
+def cross_term(f1: Factor, f2: Factor) -> torch.Tensor:
+    """``[B]`` float64: ``<u1_i, u2_i> = sum_{t,s} (c1_t . c2_s)(r1_t . r2_s)``."""
+    c1, c2 = f1.cols.double(), f2.cols.double()
+    ka = torch.bmm(c1, c2.transpose(1, 2))
+    if f1.rows is not None and f2.rows is not None:
+        kg = torch.bmm(f1.rows.double(), f2.rows.double().transpose(1, 2))
+    elif f1.rows is not None or f2.rows is not None:
+        dense, ids, flip = ((f1.rows, f2.row_ids, False) if f1.rows is not None
+                            else (f2.rows, f1.row_ids, True))
+        T_dense = dense.shape[1]
+        idx = ids.clamp_min(0)[:, None, :].expand(-1, T_dense, -1)
+        kg = dense.double().gather(2, idx) * (ids >= 0)[:, None, :]
+        if flip:
+            kg = kg.transpose(1, 2)
+    else:
+        i1, i2 = f1.row_ids, f2.row_ids
+        kg = ((i1[:, :, None] == i2[:, None, :]) & (i1 >= 0)[:, :, None]).double()
+    return (ka * kg).sum((1, 2))

@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import _ops
 from . import register_rule
-from .base import PROBES, Rule
+from .base import PROBES, Factor, Rule
 
 
 def _needs(module: nn.Module, name: str) -> bool:
@@ -20,6 +20,18 @@ def _needs(module: nn.Module, name: str) -> bool:
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     supports_fused = True
+    batch_dim_movable = True
+
+    def factors(self, module, saved, grad_output):
+        B = saved.shape[0]
+        A = saved.reshape(B, -1, saved.shape[-1])
+        G = grad_output.reshape(B, -1, grad_output.shape[-1])
+        out = {}
+        if _needs(module, "weight"):
+            out["weight"] = Factor(cols=A, rows=G)
+        if _needs(module, "bias"):
+            out["bias"] = Factor(cols=torch.ones_like(G[..., :1]), rows=G)
+        return out
 
     def norms(self, module, saved, grad_output):
         w, b = _ops.linear_norms(saved, grad_output)

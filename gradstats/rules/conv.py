@@ -1,0 +1,193 @@
+"""nn.Conv1d / Conv2d / Conv3d through the unfold (im2col) view.
+
+For an example ``i`` let ``X_i`` be its padded input and, for group ``h`` of ``groups``,
+``A_ih`` the ``[L, C_in/groups * prod(k)]`` matrix whose row ``l`` holds the input patch that
+output position ``l`` sees (stride and dilation applied), and ``G_ih`` the ``[L, C_out/groups]``
+gradient of the group's output channels. The weight of group ``h`` flattened to
+``[C_out/groups, C_in/groups * prod(k)]`` then has the per-example gradient ``G_ih^T A_ih``, so
+
+    |dW_i|^2 = sum_h || G_ih^T A_ih ||_F^2          (a Linear layer with T = L, per group)
+    |db_i|^2 = sum_c (sum_l g_icl)^2
+
+computed by :func:`gradstats._ops.linear_norms` (Gram or direct by its cost model) with the
+groups folded into the batch dimension. Every ``padding_mode`` is handled by padding the input
+as the module does (``F.pad``) before unfolding. ConvTranspose layers have no rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _ops
+from . import register_rule
+from .base import PROBES, Factor, Rule
+from .linear import _needs
+
+#: the unfolded input is built this many elements at a time at most (in example chunks), so
+#: that large layers do not allocate one huge im2col buffer per step
+_UNFOLD_CHUNK_ELEMS = 1 << 23
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _spatial_dims(module: nn.Module) -> int:
+    return len(module.kernel_size)
+
+
+def _pad_amounts(module: nn.Module) -> list[int]:
+    """Padding as ``F.pad`` takes it (last spatial dim first, ``[left, right]`` each), for the
+    module's ``padding`` (ints, a tuple, ``"valid"`` or ``"same"``). ``"same"`` puts
+    ``total // 2`` on the left and the rest on the right, as torch's convolution does."""
+    n = _spatial_dims(module)
+    pad = module.padding
+    if pad == "valid":
+        per_dim = [(0, 0)] * n
+    elif pad == "same":
+        per_dim = []
+        for d, k in zip(module.dilation, module.kernel_size):
+            total = d * (k - 1)
+            per_dim.append((total // 2, total - total // 2))
+    else:
+        per_dim = [(p, p) for p in pad]
+    return [p for lr in reversed(per_dim) for p in lr]
+
+
+def _batched(module: nn.Module, x: torch.Tensor, g: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adds the batch dim to an unbatched input ``[C, *spatial]`` (a batch of one example)."""
+    if x.dim() == _spatial_dims(module) + 1:
+        return x.unsqueeze(0), g.unsqueeze(0)
+    return x, g
+
+
+def _padded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    pads = _pad_amounts(module)
+    if not any(pads):
+        return x
+    if module.padding_mode == "zeros":
+        return F.pad(x, pads)
+    return F.pad(x, pads, mode=module.padding_mode)
+
+
+def _unfold_groups(module: nn.Module, xp: torch.Tensor) -> torch.Tensor:
+    """``[B * groups, L, C_in/groups * prod(k)]`` patches of the padded input ``xp``, columns in
+    the order of ``weight[o].flatten()`` (channel, then kernel dims)."""
+    n, g = _spatial_dims(module), module.groups
+    B, C = xp.shape[:2]
+    v = xp.reshape(B, g, C // g, *xp.shape[2:])
+    for d, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        v = v.unfold(3 + d, dil * (k - 1) + 1, s)  # window appended as the last dim
+        if dil > 1:
+            v = v[..., ::dil]
+    # v: [B, g, C/g, *L, *k] -> [B, g, *L, C/g, *k]
+    v = v.permute(0, 1, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n))
+    L = math.prod(v.shape[2:2 + n])
+    return v.reshape(B * g, L, -1)
+
+
+def _grad_groups(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """``[B * groups, L, C_out/groups]`` view of the output gradient ``[B, C_out, *L]``."""
+    B, C = grad.shape[:2]
+    g = module.groups
+    return grad.reshape(B, g, C // g, -1).transpose(2, 3).reshape(B * g, -1, C // g)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(Rule):
+    """Per-example norms of a convolution's weight and bias (any padding, padding_mode,
+    stride, dilation and groups)."""
+
+    def norms(self, module, saved, grad_output):
+        x, grad = _batched(module, saved, grad_output)
+        out: dict[str, torch.Tensor] = {}
+        B, g = x.shape[0], module.groups
+        if _needs(module, "weight"):
+            patch = (x.shape[1] // g) * math.prod(module.kernel_size) * g
+            positions = math.prod(grad.shape[2:])
+            step = max(1, _UNFOLD_CHUNK_ELEMS // max(1, patch * positions))
+            parts = []
+            for lo in range(0, B, step):
+                A = _unfold_groups(module, _padded(module, x[lo:lo + step]))
+                Gg = _grad_groups(module, grad[lo:lo + step])
+                w, _ = _ops.linear_norms(A, Gg)
+                parts.append(w.view(-1, g).sum(1))
+            out["weight"] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if _needs(module, "bias"):
+            dt = torch.promote_types(grad.dtype, torch.float32)
+            out["bias"] = grad.reshape(B, grad.shape[1], -1).sum(2, dtype=dt).square().sum(1)
+        return out
+
+    def factors(self, module, saved, grad_output):
+        """For a convolution called more than once per forward (a shared tower): the
+        per-example gradients themselves, ``dW_i`` ``[C_out, C_in/groups * prod(k)]`` as the
+        columns of ``C_out`` unit rows (``[B, C_out, C_out]``), and ``db_i`` as one row. This
+        forms the ``B x P`` per-example weight gradients, for shared layers only."""
+        x, grad = _batched(module, saved, grad_output)
+        B, C_out, g = grad.shape[0], grad.shape[1], module.groups
+        dt = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
+        out = {}
+        if _needs(module, "weight"):
+            A = _unfold_groups(module, _padded(module, x.to(dt)))
+            dW = torch.bmm(_grad_groups(module, grad.to(dt)).transpose(1, 2), A)
+            eye = torch.eye(C_out, dtype=dt, device=grad.device).expand(B, C_out, C_out)
+            out["weight"] = Factor(cols=dW.reshape(B, C_out, -1), rows=eye)
+        if _needs(module, "bias"):
+            db = grad.reshape(B, C_out, -1).sum(2, dtype=dt)
+            out["bias"] = Factor(cols=db.new_ones(B, 1, 1), rows=db[:, None])
+        return out
+
+    def probe_vectors(self, name, param, gen):
+        # Rank-1 directions x y^T on the weight as [C_out, C_in/groups * prod(k)].
+        def rand(n):
+            return torch.randn(n, PROBES, generator=gen, dtype=torch.float64).to(param.device)
+
+        if name == "weight":
+            return rand(param.shape[0]), rand(param[0].numel())
+        return (rand(param.shape[0]),)
+
+    def probe_grad(self, name, grad, vectors):
+        g = grad.double().reshape(grad.shape[0], -1)
+        if name == "weight":
+            x, y = vectors
+            return ((g @ y) * x).sum(0)
+        return vectors[0].t() @ g.reshape(-1)
+
+    def probe(self, module, saved, grad_output, vectors):
+        x, grad = _batched(module, saved, grad_output)
+        B, C_out, g = grad.shape[0], grad.shape[1], module.groups
+        G = grad.double().reshape(B, g, C_out // g, -1)  # [B, g, C_out/g, L]
+        out = {}
+        if "weight" in vectors:
+            vx, vy = vectors["weight"]
+            xp = _padded(module, x.double())
+            # <y, patch_l> for every position: a convolution with y as the kernel of each group
+            ky = vy.t().reshape(PROBES, -1, *module.kernel_size).repeat(g, *[1] * (1 + len(
+                module.kernel_size)))
+            conv = _CONV_FNS[_spatial_dims(module)]
+
+            def ay(inp, k):
+                return conv(inp, k, stride=module.stride, dilation=module.dilation,
+                            groups=g).reshape(B, g, PROBES, -1)
+
+            vxg = vx.reshape(g, C_out // g, PROBES)
+            value = (torch.einsum("bgol,gop->bgpl", G, vxg) * ay(xp, ky)).sum((0, 1, 3))
+            bound = (torch.einsum("bgol,gop->bgpl", G.abs(), vxg.abs())
+                     * ay(xp.abs(), ky.abs())).sum((0, 1, 3))
+            out["weight"] = torch.cat([value, bound])
+        if "bias" in vectors:
+            v = vectors["bias"][0]
+            s, sa = G.sum((0, 3)).reshape(-1), G.abs().sum((0, 3)).reshape(-1)
+            out["bias"] = torch.cat([s @ v, sa @ v.abs()])
+        return out
+
+    def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        x = inputs[0]
+        n = _spatial_dims(module)
+        if x.dim() not in (n + 1, n + 2):
+            raise ValueError(f"{type(module).__name__}: expected a [B, C, *spatial] input with "
+                             f"{n} spatial dims, got shape {tuple(x.shape)}")
+        return x.detach()
