@@ -169,27 +169,36 @@ class GradStatsMonitor:
         from .rules.fallback import FallbackRule
 
         gen = torch.Generator().manual_seed(seed)
-        owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+        # Entities: modules with a rule (and what it claims) or with parameters of their own.
+        entities: list[tuple[str, nn.Module, Rule | None, dict[str, nn.Parameter]]] = []
+        claimed: set[int] = set()
         for name, module in self.model.named_modules():
-            for k, p in module.named_parameters(recurse=False):
-                if p.requires_grad:
-                    owners.setdefault(id(p), []).append((name, module, k))
-        rules: dict[str, Rule | None] = {}
-        uncovered: dict[str, nn.Module] = {}
-        for name, module in self.model.named_modules():
-            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            if id(module) in claimed:
                 continue
             rule = rule_for(module)
-            if rule is None and unsupported == "fallback":
+            if rule is None and unsupported == "fallback" and any(
+                    p.requires_grad for p in module.parameters(recurse=False)):
                 rule = FallbackRule()
+            if rule is not None:
+                rule.check(module, name or "<root>")
+                if rule.claims_children:
+                    claimed.update(id(m) for m in module.modules())
+            own = rule.params(module) if rule is not None else dict(
+                module.named_parameters(recurse=False))
+            own = {k: p for k, p in own.items() if p.requires_grad}
+            if not own:
+                continue
             if rule is not None and self.batch_dim != 0 and not rule.batch_dim_movable:
                 raise ValueError(f"batch_dim={self.batch_dim} is not supported for {name} "
                                  f"({type(module).__name__}), whose batch dim is fixed")
-            rules[name] = rule
-            if rule is None:
-                uncovered[name] = module
+            entities.append((name, module, rule, own))
+        owners: dict[int, list[str]] = {}
+        for name, _, _, own in entities:
+            for p in own.values():
+                owners.setdefault(id(p), []).append(name)
+        uncovered = [(n, m) for n, m, r, _ in entities if r is None]
         if uncovered:
-            names = ", ".join(f"{n or '<root>'} ({type(m).__name__})" for n, m in uncovered.items())
+            names = ", ".join(f"{n or '<root>'} ({type(m).__name__})" for n, m in uncovered)
             msg = (f"no gradstats rule for {names}; their parameters would be left out of every "
                    "statistic. Pass unsupported='fallback' (torch.func per module), or 'ignore' "
                    "(or 'warn') to measure the covered parameters only")
@@ -197,21 +206,20 @@ class GradStatsMonitor:
                 raise ValueError(msg)
             if unsupported == "warn":
                 warnings.warn(msg, stacklevel=3)
+        covered = {n for n, _, r, _ in entities if r is not None}
         layers: dict[str, _Layer] = {}
-        for name, module in self.model.named_modules():
-            rule = rules.get(name)
+        for name, module, rule, own in entities:
             if rule is None:
                 continue
             mine: dict[str, _Param] = {}
-            for k, p in module.named_parameters(recurse=False):
-                uses = owners.get(id(p), [])
-                if not uses or any(rules.get(n) is None for n, _, _ in uses):
-                    continue  # frozen, or shared with a module that has no rule: left out
+            for k, p in own.items():
+                if not all(n in covered for n in owners[id(p)]):
+                    continue  # shared with a module that has no rule: left out
                 if id(p) not in self._params:
                     self._params[id(p)] = _Param(f"{name}.{k}" if name else k, p, name, rule, k,
                                                  gen)
                 mine[k] = self._params[id(p)]
-                self._params[id(p)].uses = len(uses)
+                self._params[id(p)].uses = len(owners[id(p)])
             if mine:
                 layers[name] = _Layer(name, module, rule, mine)
         if not layers:
@@ -225,7 +233,8 @@ class GradStatsMonitor:
             for n, m in self.model.named_modules() if _is_batchnorm(m)
         ]
         for layer in self._layers.values():
-            if self.mode == "fused" and layer.rule.supports_fused and self.batch_dim == 0:
+            if layer.rule.replaces_forward or (self.mode == "fused" and layer.rule.supports_fused
+                                               and self.batch_dim == 0):
                 layer.module.forward = layer.rule.fused_forward(layer.module, self._begin_fused)
             else:
                 layer.handles.append(layer.module.register_forward_hook(
@@ -308,7 +317,7 @@ class GradStatsMonitor:
             saved, cell[0] = cell[0], None  # release the activation at once
             if self.batch_dim:
                 grad = grad.movedim(self.batch_dim, 0)
-            self._collect(layer, fid, call, saved, grad, None)
+            self._collect(layer, fid, (call, None), saved, grad, None)
 
         output.register_hook(on_grad)
 
@@ -320,15 +329,17 @@ class GradStatsMonitor:
             return None
         fid = self._forward_id
 
-        def on_backward(saved: torch.Tensor, grad: torch.Tensor,
-                        norms: dict[str, torch.Tensor]) -> None:
+        def on_backward(saved: torch.Tensor, grad: torch.Tensor, norms: dict[str, torch.Tensor],
+                        probes: Any = None, sub: Any = None) -> None:
             if not self._paused:
-                self._collect(layer, fid, call, saved, grad, norms)
+                self._collect(layer, fid, (call, sub), saved, grad, norms, probes)
 
         return on_backward
 
     def _collect(self, layer: _Layer, fid: int, part: Any, saved: Any, grad: torch.Tensor,
-                 norms: dict[str, torch.Tensor] | None) -> None:
+                 norms: dict[str, torch.Tensor] | None, probes: Any = None) -> None:
+        """Files one use's per-example norms and probe values (``probes``: a dict, or a function
+        of the probe vectors) under forward ``fid``, adding cross terms for shared params."""
         key = (layer.name, fid, part)
         if key in self._seen:
             raise ContractError(
@@ -341,9 +352,12 @@ class GradStatsMonitor:
         try:
             if norms is None:
                 norms, probes = layer.rule.collect(layer.module, saved, grad, vectors)
-            else:
-                probes = ({} if vectors is None
-                          else layer.rule.probe(layer.module, saved, grad, vectors))
+            elif vectors is None:
+                probes = {}
+            elif callable(probes):
+                probes = probes(vectors)
+            elif probes is None:
+                probes = layer.rule.probe(layer.module, saved, grad, vectors)
             shared = [k for k, p in layer.params.items()
                       if k in norms and (p.uses > 1 or layer.calls.get(fid, 1) > 1)]
             factors = layer.rule.factors(layer.module, saved, grad) if shared else {}

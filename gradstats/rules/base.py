@@ -23,6 +23,17 @@ class Rule:
     supports_fused: bool = False
     #: whether the layer accepts inputs whose batch dim is not first (the monitor moves it)
     batch_dim_movable: bool = False
+    #: whether the rule runs the module through its own forward in every mode
+    replaces_forward: bool = False
+    #: whether the rule also accounts for the parameters of the module's children
+    claims_children: bool = False
+
+    def check(self, module: nn.Module, name: str) -> None:
+        """Raises ValueError, naming the module and option, for configurations not handled."""
+
+    def params(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters this rule accounts for, by the names its norms use."""
+        return dict(module.named_parameters(recurse=False))
 
     def factors(self, module: nn.Module, saved: Any, grad_output: torch.Tensor
                 ) -> dict[str, Factor]:
@@ -49,13 +60,26 @@ class Rule:
 
     def probe_vectors(self, name: str, param: torch.Tensor, gen: torch.Generator
                       ) -> tuple[torch.Tensor, ...]:
-        """Fixed random vectors defining ``PROBES`` projections ``<V_j, grad>`` of ``name``."""
-        raise NotImplementedError
+        """Fixed random directions for ``PROBES`` projections ``<V_j, grad>`` of ``name``.
+
+        The default, which every rule of a shared parameter must agree on: rank-1
+        ``V_j = x_j y_j^T`` over ``[shape[0], prod(shape[1:])]`` for tensors of 2+ dims (cheap
+        against factored gradients), a plain vector for 1-D ones."""
+        def rand(n: int) -> torch.Tensor:
+            return torch.randn(n, PROBES, generator=gen, dtype=torch.float64).to(param.device)
+
+        if param.dim() >= 2:
+            return rand(param.shape[0]), rand(param[0].numel())
+        return (rand(param.numel()),)
 
     def probe_grad(self, name: str, grad: torch.Tensor, vectors: tuple[torch.Tensor, ...]
                    ) -> torch.Tensor:
         """``[PROBES]`` float64: ``<V_j, grad>`` evaluated on a full gradient."""
-        raise NotImplementedError
+        g = grad.double()
+        if len(vectors) == 2:
+            x, y = vectors
+            return ((g.reshape(g.shape[0], -1) @ y) * x).sum(0)
+        return vectors[0].t() @ g.flatten()
 
     def probe(self, module: nn.Module, saved: Any, grad_output: torch.Tensor,
               vectors: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
@@ -96,3 +120,19 @@ def cross_term(f1: Factor, f2: Factor) -> torch.Tensor:
         i1, i2 = f1.row_ids, f2.row_ids
         kg = ((i1[:, :, None] == i2[:, None, :]) & (i1 >= 0)[:, :, None]).double()
     return (ka * kg).sum((1, 2))
+
+
+def factored_probe(rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                   ) -> torch.Tensor:
+    """``[2 PROBES]``: ``<x_j y_j^T, sum_t r_t c_t^T>`` for rows ``[N, R]`` and cols ``[N, C]``,
+    then the same sums over absolute values (the rounding scale)."""
+    r, c = rows.double(), cols.double()
+    value = ((r @ x) * (c @ y)).sum(0)
+    bound = ((r.abs() @ x.abs()) * (c.abs() @ y.abs())).sum(0)
+    return torch.cat([value, bound])
+
+
+def summed_probe(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[2 PROBES]``: ``<v_j, sum_t r_t>`` for rows ``[N, R]``, then over absolute values."""
+    r = rows.double()
+    return torch.cat([(r @ v).sum(0), (r.abs() @ v.abs()).sum(0)])

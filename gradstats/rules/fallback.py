@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .base import PROBES, Rule
+from .base import Rule
 
 
 class FallbackRule(Rule):
@@ -44,19 +44,13 @@ class FallbackRule(Rule):
         per = self._per_example(module, saved, grad_output)
         norms = {k: g.double().flatten(1).square().sum(1) for k, g in per.items()}
         probes = {}
-        for k, (V,) in (vectors or {}).items():
+        for k, vec in (vectors or {}).items():
             g = per[k].double()
-            total = g.sum(0).flatten()
-            bound = g.abs().sum(0).flatten()
-            probes[k] = torch.cat([V @ total, V.abs() @ bound])
+            total, bound = g.sum(0), g.abs().sum(0)
+            absvec = tuple(v.abs() for v in vec)
+            probes[k] = torch.cat([self.probe_grad(k, total, vec),
+                                   self.probe_grad(k, bound, absvec)])
         return norms, probes
 
     def norms(self, module, saved, grad_output):
         return self.collect(module, saved, grad_output, None)[0]
-
-    def probe_vectors(self, name, param, gen):
-        return (torch.randn(PROBES, param.numel(), generator=gen, dtype=torch.float64)
-                .to(param.device),)
-
-    def probe_grad(self, name, grad, vectors):
-        return vectors[0] @ grad.double().flatten()

@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import _ops
 from . import register_rule
-from .base import PROBES, Factor, Rule
+from .base import Factor, Rule, factored_probe, summed_probe
 
 
 def _needs(module: nn.Module, name: str) -> bool:
@@ -42,34 +42,14 @@ class LinearRule(Rule):
             out["bias"] = b
         return out
 
-    def probe_vectors(self, name, param, gen):
-        # Rank-1 directions x y^T (PROBES of them), so <x y^T, dW> costs O(B T (d_in + d_out)).
-        def rand(n):
-            return torch.randn(n, PROBES, generator=gen, dtype=torch.float64).to(param.device)
-
-        if name == "weight":
-            return rand(param.shape[0]), rand(param.shape[1])
-        return (rand(param.shape[0]),)
-
-    def probe_grad(self, name, grad, vectors):
-        g = grad.double()
-        if name == "weight":
-            x, y = vectors
-            return ((g @ y) * x).sum(0)
-        return vectors[0].t() @ g
-
     def probe(self, module, saved, grad_output, vectors):
-        G = grad_output.reshape(-1, grad_output.shape[-1]).double()
+        G = grad_output.reshape(-1, grad_output.shape[-1])
         out = {}
         if "weight" in vectors:
-            x, y = vectors["weight"]
-            A = saved.reshape(-1, saved.shape[-1]).double()
-            value = ((G @ x) * (A @ y)).sum(0)
-            bound = ((G.abs() @ x.abs()) * (A.abs() @ y.abs())).sum(0)  # scales the tolerance
-            out["weight"] = torch.cat([value, bound])
+            out["weight"] = factored_probe(G, saved.reshape(-1, saved.shape[-1]),
+                                           *vectors["weight"])
         if "bias" in vectors:
-            v = vectors["bias"][0]
-            out["bias"] = torch.cat([(G @ v).sum(0), (G.abs() @ v.abs()).sum(0)])
+            out["bias"] = summed_probe(G, vectors["bias"][0])
         return out
 
     def fused_forward(self, module: nn.Module, begin) -> Any:
