@@ -4,7 +4,7 @@
 # Environment: TORCH_SPEC (default torch==2.14.1), TORCH_CUDA_ARCH_LIST (default 9.0 here),
 # FRESH=1 to delete VENV first. CUDA kernels are built whenever nvcc is found, and then must be.
 set -euo pipefail
-venv=${1:?usage: scripts/setup_env.sh VENV [EXTRAS]}
+venv=$(realpath -m "${1:?usage: scripts/setup_env.sh VENV [EXTRAS]}")
 extras=${2:-}
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}

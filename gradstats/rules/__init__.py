@@ -36,7 +36,7 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
-from . import linear  # noqa: E402,F401  (registers the built-in rules)
+from . import attention, linear  # noqa: E402,F401  (registers the built-in rules)
 from . import conv, embedding, norm  # noqa: E402,F401
 
 __all__ = ["Rule", "register_rule", "rule_for"]
