@@ -9,6 +9,7 @@ from ._loader import load_library as _load_library
 _C = _load_library()
 
 from ._ops import linear_fused, linear_norms, linear_strategy  # noqa: E402
+from .curvature import CurvatureEstimator, CurvatureResult, hvp  # noqa: E402
 from .estimators import NoiseScaleEMA, StepEstimate, step_estimate  # noqa: E402
 from .monitor import ContractError, GradStatsMonitor, LayerStats, StepStats  # noqa: E402
 from .rules import Rule, register_rule  # noqa: E402
@@ -35,4 +36,7 @@ __all__ = [
     "step_estimate",
     "Rule",
     "register_rule",
+    "CurvatureEstimator",
+    "CurvatureResult",
+    "hvp",
 ]

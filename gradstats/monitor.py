@@ -315,6 +315,7 @@ class GradStatsMonitor:
                     f"backward reached the output of {layer.name} twice for one forward; wrap "
                     "backward passes that are not training steps in monitor.paused()")
             saved, cell[0] = cell[0], None  # release the activation at once
+            grad = grad.detach()
             if self.batch_dim:
                 grad = grad.movedim(self.batch_dim, 0)
             self._collect(layer, fid, (call, None), saved, grad, None)

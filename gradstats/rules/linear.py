@@ -6,6 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .. import _ops
 from . import register_rule
@@ -69,6 +70,9 @@ class LinearRule(Rule):
 
 
 class _FusedLinear(torch.autograd.Function):
+    """F.linear whose backward also yields the per-example norms (not twice differentiable:
+    measure double-backward passes in hooks mode, or run them under monitor.paused())."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, report):
         ctx.save_for_backward(x, weight)
@@ -77,6 +81,7 @@ class _FusedLinear(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = dW = db = None
