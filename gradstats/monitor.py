@@ -433,7 +433,9 @@ class GradStatsMonitor:
                 grad_side.append(torch.zeros(1 + PROBES, dtype=torch.float64, device=device))
             else:
                 gd = _dense(g.detach())
-                grad_side += [gd.double().square().sum().reshape(1).to(device),
+                # float32 sums are cascaded (accurate to ~1e-8 here) and skip a float64 copy
+                sq = (gd if gd.dtype in (torch.float32, torch.float64) else gd.float()).square()
+                grad_side += [sq.sum().double().reshape(1).to(device),
                               P.rule.probe_grad(P.local, gd, P.vectors).to(device)]
         per_example = torch.cat([
             sum((v.to(device) for v in self._norms[f].values()),

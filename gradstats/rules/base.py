@@ -78,7 +78,8 @@ class Rule:
         g = grad.double()
         if len(vectors) == 2:
             x, y = vectors
-            return ((g.reshape(g.shape[0], -1) @ y) * x).sum(0)
+            g = g.reshape(g.shape[0], -1)
+            return torch.stack([x[:, j] @ (g @ y[:, j]) for j in range(x.shape[1])])
         return vectors[0].t() @ g.flatten()
 
     def probe(self, module: nn.Module, saved: Any, grad_output: torch.Tensor,
@@ -127,9 +128,11 @@ def factored_probe(rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, y: t
     """``[2 PROBES]``: ``<x_j y_j^T, sum_t r_t c_t^T>`` for rows ``[N, R]`` and cols ``[N, C]``,
     then the same sums over absolute values (the rounding scale)."""
     r, c = rows.double(), cols.double()
-    value = ((r @ x) * (c @ y)).sum(0)
-    bound = ((r.abs() @ x.abs()) * (c.abs() @ y.abs())).sum(0)
-    return torch.cat([value, bound])
+    ra, ca = r.abs(), c.abs()
+    # one matrix-vector product per direction: much faster on CPU than one [., PROBES] product
+    value = [(r @ x[:, j]) @ (c @ y[:, j]) for j in range(x.shape[1])]
+    bound = [(ra @ x[:, j].abs()) @ (ca @ y[:, j].abs()) for j in range(x.shape[1])]
+    return torch.stack(value + bound)
 
 
 def summed_probe(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -157,21 +157,25 @@ class ConvRule(Rule):
         return vectors[0].t() @ g.reshape(-1)
 
     def probe(self, module, saved, grad_output, vectors):
+        """``<x y^T, dW> = sum_{i,h,l} (G_ihl . x_h)(A_ihl . y)``: ``A . y`` for every position is
+        a convolution with ``y`` as the kernel of each group, run in the input's precision (at
+        least float32: its rounding is far inside the probe's tolerance, and a float64
+        convolution has no fast kernel); the sums over positions are float64."""
         x, grad = _batched(module, saved, grad_output)
         B, C_out, g = grad.shape[0], grad.shape[1], module.groups
         G = grad.double().reshape(B, g, C_out // g, -1)  # [B, g, C_out/g, L]
         out = {}
         if "weight" in vectors:
             vx, vy = vectors["weight"]
-            xp = _padded(module, x.double())
-            # <y, patch_l> for every position: a convolution with y as the kernel of each group
-            ky = vy.t().reshape(PROBES, -1, *module.kernel_size).repeat(g, *[1] * (1 + len(
-                module.kernel_size)))
-            conv = _CONV_FNS[_spatial_dims(module)]
+            dt = torch.promote_types(x.dtype, torch.float32)
+            xp = _padded(module, x.to(dt))
+            n = _spatial_dims(module)
+            ky = vy.t().to(dt).reshape(PROBES, -1, *module.kernel_size).repeat(g, *[1] * (1 + n))
+            conv = _CONV_FNS[n]
 
             def ay(inp, k):
                 return conv(inp, k, stride=module.stride, dilation=module.dilation,
-                            groups=g).reshape(B, g, PROBES, -1)
+                            groups=g).double().reshape(B, g, PROBES, -1)
 
             vxg = vx.reshape(g, C_out // g, PROBES)
             value = (torch.einsum("bgol,gop->bgpl", G, vxg) * ay(xp, ky)).sum((0, 1, 3))

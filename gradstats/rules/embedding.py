@@ -11,17 +11,20 @@ number of times ``v`` occurs in the *whole input batch* of that call; the per-ex
 is then the example's part of that batch gradient (``sum_i dE_i`` is exactly ``.grad``), which
 is what is reported: it depends on which examples share the batch.
 
-The sums are formed in O(B T d): one sort of the keys ``i * V + x_it`` (``torch.unique``)
-groups the positions by (example, id), and an ``index_add_`` forms the segment sums. No
-``B x V`` or ``B x T x T`` tensor is ever formed. ``max_norm`` (which renormalises rows of the
-weight in place during forward) leaves the gradient formula unchanged and is supported, as is
-``sparse=True`` (the probe reads the sparse ``.grad``). nn.EmbeddingBag has no rule.
+The sums are formed in O(B T d): one sort of the keys ``i * V + x_it`` groups the positions by
+(example, id), and ``F.embedding_bag`` (mode ``"sum"``, the sorted order as its indices) forms
+the segment sums. No ``B x V`` or ``B x T x T`` tensor is ever formed. ``max_norm`` (which
+renormalises rows of the weight in place during forward) leaves the gradient formula unchanged
+and is supported, as is ``sparse=True`` (the probe reads the sparse ``.grad``). Tied weights
+(an output Linear sharing the table) get their cross terms through :meth:`factors`.
+nn.EmbeddingBag has no rule.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import register_rule
@@ -72,20 +75,19 @@ class EmbeddingRule(Rule):
         example = torch.arange(B, device=ids.device).repeat_interleave(ids.numel() // B)
         key = example * V + ids
         pad = _pad_mask(module, ids)
-        if pad is not None:  # one extra segment past every real key, dropped below
-            key = torch.where(pad, B * V, key)
-        keys, segment = torch.unique(key, return_inverse=True)
-        sums = torch.zeros(keys.numel(), g.shape[1], dtype=dt, device=g.device)
-        sums.index_add_(0, segment, g.to(dt))
-        sq = sums.square().sum(1)
+        if pad is not None:  # one segment past every real key (owner B), dropped below
+            key = key.masked_fill(pad, B * V)
+        # Positions grouped by (example, id): one sort, then each group's gradient sum through
+        # embedding_bag (a fast segment sum over rows of g taken in sorted order).
+        sorted_keys, order = torch.sort(key)
+        keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+        sums = F.embedding_bag(order, g.to(dt), counts.cumsum(0) - counts, mode="sum")
+        sq = torch.linalg.vector_norm(sums, dim=1).square()  # one pass, no [U, d] temporary
         scale = _scale(module, ids, dt)
         if scale is not None:
             sq = sq * scale[keys.remainder(V)].square()
-        owner = keys // V
-        if pad is not None:
-            real = owner < B
-            sq, owner = sq * real, owner.clamp_max(B - 1)
-        return {"weight": torch.zeros(B, dtype=dt, device=g.device).index_add_(0, owner, sq)}
+        per_example = torch.bincount(keys // V, weights=sq, minlength=B + 1)[:B]
+        return {"weight": per_example.to(dt)}
 
     def factors(self, module, saved, grad_output):
         """``dE_i = sum_t e_{x_it} (s_{x_it} g_it)^T``: one-hot rows given by the ids (-1 at
@@ -114,21 +116,24 @@ class EmbeddingRule(Rule):
         x, y = vectors
         if grad.is_sparse:
             grad = grad.coalesce()
-            rows, vals = grad.indices()[0], grad.values()
-            return ((vals.double() @ y) * x[rows]).sum(0)
-        # A [V, d] table: the matmul in the gradient's own precision (at least float32) keeps
-        # this from forming a float64 copy of the whole table; its rounding is far inside the
-        # probe's tolerance.
-        dt = torch.promote_types(grad.dtype, torch.float32)
-        return ((grad.to(dt) @ y.to(dt)).double() * x).sum(0)
+            rows, grad = grad.indices()[0], grad.values()
+            x = x[rows]
+        # For a [V, d] table: the contraction over d in the gradient's own precision (at least
+        # float32; its rounding is far inside the probe's tolerance), no float64 copy.
+        return (_columns_mv(grad, y) * x).sum(0)
 
     def probe(self, module, saved, grad_output, vectors):
+        """``<x y^T, sum_i dE_i> = sum_t s_t x[x_t] (g_t . y)``; the bound on the sum of the
+        terms' absolute values uses ``sum_k |g_tk y_k| <= |g_t| |y|`` (Cauchy-Schwarz), which
+        needs no ``|g|`` copy."""
         if "weight" not in vectors:
             return {}
         x, y = vectors["weight"]
         ids, g, _ = _flat(module, saved, grad_output)
         ids = ids.long()
-        g = g.double()
+        gy = _columns_mv(g, y)  # [N, P]
+        gn = torch.linalg.vector_norm(g, dim=1, dtype=torch.promote_types(g.dtype, torch.float32))
+        gn = gn.double()[:, None]
         xs = x[ids]  # [N, P]
         scale = _scale(module, ids, torch.float64)
         if scale is not None:
@@ -136,6 +141,15 @@ class EmbeddingRule(Rule):
         pad = _pad_mask(module, ids)
         if pad is not None:
             xs = xs.masked_fill(pad[:, None], 0.0)
-        value = ((g @ y) * xs).sum(0)
-        bound = ((g.abs() @ y.abs()) * xs.abs()).sum(0)
+        value = (gy * xs).sum(0)
+        bound = (gn * xs.abs()).sum(0) * torch.linalg.vector_norm(y, dim=0)
         return {"weight": torch.cat([value, bound])}
+
+
+def _columns_mv(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[N, P]`` float64 ``a @ y`` for a tall ``a`` ``[N, d]`` and a few columns ``y``, as one
+    matrix-vector product per column in ``a``'s precision (at least float32): a GEMM this thin
+    runs several times slower on CPU."""
+    dt = torch.promote_types(a.dtype, torch.float32)
+    a, y = a.to(dt), y.to(dt)
+    return torch.stack([torch.mv(a, y[:, j]) for j in range(y.shape[1])], 1).double()
