@@ -154,6 +154,7 @@ class GradStatsMonitor:
         self._steps = 0
         self._paused = 0
         self._forward_id = 0
+        self._batch: int | None = None
         self._scale_seen: torch.Tensor | None = None
         self._last_probe_grad: dict[int, list[float]] = {}
         self._params: dict[int, _Param] = {}
@@ -281,6 +282,24 @@ class GradStatsMonitor:
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
         if not self._paused:
             self._forward_id += 1
+            first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+            self._batch = (first.shape[self.batch_dim]
+                           if first is not None and first.dim() > self.batch_dim else None)
+
+    def _broadcast(self, layer: _Layer, inputs: Any, output: torch.Tensor):
+        """For a shared (batch-free) input such as position ids: the input and output expanded
+        to the batch, or None when the input has the batch already."""
+        ids, B = inputs[0], self._batch
+        if (not layer.rule.broadcast_inputs or B is None or self.batch_dim != 0
+                or not isinstance(ids, torch.Tensor) or ids.dim() == 0 or ids.shape[0] == B):
+            return None
+        if getattr(layer.module, "scale_grad_by_freq", False):
+            raise ContractError(f"{layer.name}: scale_grad_by_freq with ids shared by the whole "
+                                "batch is not supported")
+        if ids.shape[0] == 1 and ids.dim() > 1:
+            return (ids.expand(B, *ids.shape[1:]),), output.expand(B, *output.shape[1:])
+        return (ids.unsqueeze(0).expand(B, *ids.shape),), output.unsqueeze(0).expand(
+            B, *output.shape)
 
     def _counted_forward(self, layer: _Layer, requires_grad: bool) -> int | None:
         """The call's index within this forward, or None when the call is not counted."""
@@ -301,6 +320,9 @@ class GradStatsMonitor:
         call = self._counted_forward(layer, output.requires_grad)
         if call is None:
             return
+        expanded = self._broadcast(layer, inputs, output)
+        if expanded is not None:
+            inputs, output = expanded
         saved = layer.rule.capture(module, inputs, output)
         if self.batch_dim:
             saved = _batch_first(saved, self.batch_dim)
@@ -321,6 +343,7 @@ class GradStatsMonitor:
             self._collect(layer, fid, (call, None), saved, grad, None)
 
         output.register_hook(on_grad)
+        return output if expanded is not None else None
 
     def _begin_fused(self, module: nn.Module, requires_grad: bool):
         """Called by a fused forward: the callback its backward reports to, or None."""

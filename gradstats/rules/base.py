@@ -27,6 +27,9 @@ class Rule:
     replaces_forward: bool = False
     #: whether the rule also accounts for the parameters of the module's children
     claims_children: bool = False
+    #: whether an input without the batch dim (position ids shared by every example) may be
+    #: expanded to the batch, so each example's gradient arrives before broadcasting sums it
+    broadcast_inputs: bool = False
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raises ValueError, naming the module and option, for configurations not handled."""

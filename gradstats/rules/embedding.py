@@ -59,6 +59,8 @@ class EmbeddingRule(Rule):
     """Per-example norms of an embedding table (``padding_idx``, ``scale_grad_by_freq``,
     ``max_norm`` and ``sparse`` honoured)."""
 
+    broadcast_inputs = True
+
     def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
         ids = inputs[0]
         if ids.is_floating_point() or ids.is_complex():
