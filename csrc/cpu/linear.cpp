@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -38,18 +39,6 @@ double dot(const scalar_t* x, const scalar_t* y, int64_t n) {
   return acc;
 }
 
-// w += m elementwise; returns sum m^2 (in double), reading m once.
-template <typename scalar_t>
-double add_and_sumsq(scalar_t* w, const scalar_t* m, int64_t n) {
-  double acc = 0.0;
-  for (int64_t k = 0; k < n; ++k) {
-    const scalar_t v = m[k];
-    acc += double(v) * double(v);
-    w[k] += v;
-  }
-  return acc;
-}
-
 struct Prepared {
   LinearShape s;
   at::Tensor A, G;  // [B, T, d] contiguous in the compute dtype
@@ -79,38 +68,65 @@ at::Tensor outer_norms(const Prepared& p) {
   return out;
 }
 
+// Examples per chunk so that a chunk's scratch (elems_per_example each) stays near 16 MB: BLAS
+// runs on whole chunks (batched and multi-threaded by ATen), never inside at::parallel_for,
+// where nested BLAS threading oversubscribes the cores.
+int64_t chunk_for(int64_t B, int64_t elems_per_example, int64_t elem_size) {
+  const int64_t budget = int64_t(16) << 20;
+  return std::max<int64_t>(1, std::min<int64_t>(B, budget / std::max<int64_t>(1, elems_per_example * elem_size)));
+}
+
 // out[i] = sum_{t,s} (a_t . a_s)(g_t . g_s)
 at::Tensor gram_norms(const Prepared& p) {
   auto out = at::empty({p.s.B}, p.A.options());
-  const int64_t T = p.s.T;
+  const int64_t T = p.s.T, B = p.s.B;
+  const int64_t chunk = chunk_for(B, 2 * T * T, p.A.element_size());
+  at::Tensor ka = scratch(0, {chunk, T, T}, p.A.scalar_type());
+  at::Tensor kg = scratch(1, {chunk, T, T}, p.A.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_gram", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, p.s.B, 1, [&](int64_t b, int64_t e) {
-      at::Tensor ka = scratch(0, {T, T}, p.A.scalar_type());
-      at::Tensor kg = scratch(1, {T, T}, p.A.scalar_type());
-      for (int64_t i = b; i < e; ++i) {
-        at::mm_out(ka, p.A[i], p.A[i].t());
-        at::mm_out(kg, p.G[i], p.G[i].t());
-        o[i] = scalar_t(dot(ka.const_data_ptr<scalar_t>(), kg.const_data_ptr<scalar_t>(), T * T));
-      }
-    });
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t n = std::min(chunk, B - b0);
+      at::Tensor a = p.A.narrow(0, b0, n), g = p.G.narrow(0, b0, n);
+      at::Tensor kan = ka.narrow(0, 0, n), kgn = kg.narrow(0, 0, n);
+      at::bmm_out(kan, a, a.transpose(1, 2));
+      at::bmm_out(kgn, g, g.transpose(1, 2));
+      const scalar_t* x = kan.const_data_ptr<scalar_t>();
+      const scalar_t* y = kgn.const_data_ptr<scalar_t>();
+      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i)
+          o[b0 + i] = scalar_t(dot(x + i * T * T, y + i * T * T, T * T));
+      });
+    }
   });
   return out;
 }
 
-// out[i] = |G_i^T A_i|_F^2, one [d_out, d_in] tile per example in a per-thread workspace.
+// Per chunk, the tiles G_i^T A_i [n, d_out, d_in] from one batched GEMM; visit(b0, n, tiles).
+template <typename F>
+void for_each_tile_chunk(const Prepared& p, F&& visit) {
+  const int64_t di = p.s.d_in, dout = p.s.d_out, B = p.s.B;
+  const int64_t chunk = chunk_for(B, dout * di, p.A.element_size());
+  at::Tensor m = scratch(2, {chunk, dout, di}, p.A.scalar_type());
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    at::Tensor mn = m.narrow(0, 0, n);
+    at::bmm_out(mn, p.G.narrow(0, b0, n).transpose(1, 2), p.A.narrow(0, b0, n));
+    visit(b0, n, mn);
+  }
+}
+
+// out[i] = |G_i^T A_i|_F^2
 at::Tensor direct_norms(const Prepared& p) {
   auto out = at::empty({p.s.B}, p.A.options());
-  const int64_t di = p.s.d_in, dout = p.s.d_out;
+  const int64_t tile = p.s.d_out * p.s.d_in;
   AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_direct", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, p.s.B, 1, [&](int64_t b, int64_t e) {
-      at::Tensor m = scratch(2, {dout, di}, p.A.scalar_type());
-      for (int64_t i = b; i < e; ++i) {
-        at::mm_out(m, p.G[i].t(), p.A[i]);
-        const scalar_t* mp = m.const_data_ptr<scalar_t>();
-        o[i] = scalar_t(dot(mp, mp, dout * di));
-      }
+    for_each_tile_chunk(p, [&](int64_t b0, int64_t n, const at::Tensor& m) {
+      const scalar_t* mp = m.const_data_ptr<scalar_t>();
+      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) o[b0 + i] = scalar_t(dot(mp + i * tile, mp + i * tile, tile));
+      });
     });
   });
   return out;
@@ -146,42 +162,28 @@ std::tuple<at::Tensor, at::Tensor> linear_norms_cpu(const at::Tensor& A, const a
   return {weight_norms(p, st), std::get<1>(bias_grads(p))};
 }
 
-// dW and the norms in one pass: each thread forms an example's tile G_i^T A_i, squares it and
-// adds it into its own partial dW while the tile is hot in cache; partials are summed at the end.
+// dW and the norms from the same per-example tiles: each chunk's tiles are squared (per
+// example, in parallel) and summed into dW while they are still in memory, so the weight
+// gradient costs no second GEMM.
 std::tuple<at::Tensor, at::Tensor> fused_direct(const Prepared& p) {
-  const int64_t di = p.s.d_in, dout = p.s.d_out, B = p.s.B;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
-  thread_local std::vector<at::Tensor> partials;  // owned by the calling thread, reused
-  if (int64_t(partials.size()) < chunks) partials.resize(chunks);
-  const auto dt = p.A.scalar_type();
-  at::Tensor dW = at::empty({dout, di}, p.A.options());
-  for (int64_t c = 1; c < chunks; ++c) {
-    if (!partials[c].defined() || partials[c].scalar_type() != dt ||
-        partials[c].numel() < dout * di)
-      partials[c] = at::empty({dout * di}, p.A.options());
-  }
-  at::Tensor norms = at::empty({B}, p.A.options());
-  AT_DISPATCH_FLOATING_TYPES(dt, "gradstats_fused", [&] {
+  const int64_t tile = p.s.d_out * p.s.d_in;
+  at::Tensor dW = at::zeros({p.s.d_out, p.s.d_in}, p.A.options());
+  at::Tensor norms = at::empty({p.s.B}, p.A.options());
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_fused", [&] {
     scalar_t* o = norms.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-      at::Tensor m = scratch(2, {dout, di}, dt);
-      for (int64_t c = cb; c < ce; ++c) {
-        scalar_t* w = c == 0 ? dW.mutable_data_ptr<scalar_t>()
-                             : partials[c].mutable_data_ptr<scalar_t>();
-        std::fill(w, w + dout * di, scalar_t(0));
-        for (int64_t i = c * B / chunks; i < (c + 1) * B / chunks; ++i) {
-          at::mm_out(m, p.G[i].t(), p.A[i]);
-          o[i] = scalar_t(add_and_sumsq(w, m.const_data_ptr<scalar_t>(), dout * di));
-        }
-      }
-    });
     scalar_t* w = dW.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 1; c < chunks; ++c) {
-      const scalar_t* q = partials[c].const_data_ptr<scalar_t>();
-      at::parallel_for(0, dout * di, 4096, [&](int64_t b, int64_t e) {
-        for (int64_t k = b; k < e; ++k) w[k] += q[k];
+    for_each_tile_chunk(p, [&](int64_t b0, int64_t n, const at::Tensor& m) {
+      const scalar_t* mp = m.const_data_ptr<scalar_t>();
+      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) o[b0 + i] = scalar_t(dot(mp + i * tile, mp + i * tile, tile));
       });
-    }
+      at::parallel_for(0, tile, 4096, [&](int64_t b, int64_t e) {
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* mi = mp + i * tile;
+          for (int64_t k = b; k < e; ++k) w[k] += mi[k];
+        }
+      });
+    });
   });
   return {dW, norms};
 }
