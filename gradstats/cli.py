@@ -102,3 +102,5 @@ def _register_builtin() -> None:
     from . import demo
 
     COMMANDS.setdefault("demo", Command(demo.HELP, demo.add_arguments, demo.run_cli))
+    from . import sweep
+    COMMANDS.setdefault("critical-batch", Command(sweep.HELP, sweep.add_arguments, sweep.run_cli))
