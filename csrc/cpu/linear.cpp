@@ -32,11 +32,18 @@ at::Tensor scratch(int slot, at::IntArrayRef shape, at::ScalarType dtype) {
   return buf.narrow(0, 0, numel).view(shape);
 }
 
+// sum_k x_k y_k in double; eight independent accumulators so the adds pipeline and vectorise.
 template <typename scalar_t>
 double dot(const scalar_t* x, const scalar_t* y, int64_t n) {
-  double acc = 0.0;
-  for (int64_t k = 0; k < n; ++k) acc += double(x[k]) * double(y[k]);
-  return acc;
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += double(x[k + j]) * double(y[k + j]);
+  }
+  double total = 0.0;
+  for (; k < n; ++k) total += double(x[k]) * double(y[k]);
+  for (int j = 0; j < 8; ++j) total += acc[j];
+  return total;
 }
 
 struct Prepared {
