@@ -7,5 +7,8 @@ venv=${VENV:-.venv-test}
 start=$(date +%s)
 FRESH=1 bash scripts/setup_env.sh "$venv" test
 built=$(date +%s)
+if command -v nvcc >/dev/null 2>&1 && [[ "${GRADSTATS_SKIP_CUDA:-0}" != 1 ]]; then
+  export GRADSTATS_FORCE_CUDA=1  # the build above had to compile the CUDA kernels
+fi
 "$venv/bin/pytest" -q -p no:cacheprovider tests "$@"
 echo "gradstats: setup+build $(( built - start )) s, tests $(( $(date +%s) - built )) s"
