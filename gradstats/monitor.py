@@ -444,30 +444,34 @@ class GradStatsMonitor:
         device = params[0].param.device
 
         # Device-side values, packed so that one transfer (and one all-reduce) carries them.
-        zero = torch.zeros(1, dtype=torch.float64, device=device)
-        no_probe = torch.zeros(2 * PROBES, dtype=torch.float64, device=device)
-        hook_side, grad_side = [], []
+        f64 = dict(dtype=torch.float64, device=device)
+        pids = [id(P.param) for P in params]
+        sums = torch.zeros(len(pids), **f64)
+        per_fid = []
+        for f in fids:
+            d = self._norms[f]
+            rows = torch.stack([d[pid].to(device) if pid in d else torch.zeros(sizes[f], **f64)
+                                for pid in pids])  # [params, examples]
+            sums += rows.sum(1)
+            per_fid.append(rows.sum(0))
+        per_example = torch.cat(per_fid)
+        no_probe = torch.zeros(2 * PROBES, **f64)
+        probes = torch.stack([self._probes.get(pid, no_probe).to(device) for pid in pids])
+        grad_side = []
         for P in params:
-            pid = id(P.param)
-            s = sum((d[pid].sum().to(device) for d in self._norms.values() if pid in d), zero)
-            hook_side += [s.reshape(1), self._probes.get(pid, no_probe).to(device)]
             g = P.param.grad
             if g is None:
-                grad_side.append(torch.zeros(1 + PROBES, dtype=torch.float64, device=device))
+                grad_side.append(torch.zeros(1 + PROBES, **f64))
             else:
                 gd = _dense(g.detach())
                 # float32 sums are cascaded (accurate to ~1e-8 here) and skip a float64 copy
                 sq = (gd if gd.dtype in (torch.float32, torch.float64) else gd.float()).square()
                 grad_side += [sq.sum().double().reshape(1).to(device),
                               P.rule.probe_grad(P.local, gd, P.vectors).to(device)]
-        per_example = torch.cat([
-            sum((v.to(device) for v in self._norms[f].values()),
-                torch.zeros(sizes[f], dtype=torch.float64, device=device))
-            for f in fids])
         scale = (self._scale_seen.double().reshape(1).to(device) if self._scale_seen is not None
-                 else torch.ones(1, dtype=torch.float64, device=device))
-        counts = torch.tensor([n_local, n_local**2], dtype=torch.float64, device=device)
-        hook_t = torch.cat([*hook_side, counts])
+                 else torch.ones(1, **f64))
+        counts = torch.tensor([n_local, n_local**2], **f64)
+        hook_t = torch.cat([torch.cat([sums[:, None], probes], 1).flatten(), counts])
         world = self._world_size()
         if world > 1:
             torch.distributed.all_reduce(hook_t, group=self.process_group)
