@@ -13,4 +13,7 @@ TORCH_LIBRARY(gradstats, m) {
   // Returns (dW, db, weight_norms, bias_norms).
   m.def(
       "linear_fused(Tensor A, Tensor G, str strategy=\"auto\") -> (Tensor, Tensor, Tensor, Tensor)");
+  // One pass over a gradient viewed as g [R, C]: float64 [1 + K] holding sum g^2 and the K
+  // projections x_j^T g y_j, for x [R, K] and y [C, K] float64 (the monitor's contract probe).
+  m.def("grad_summary(Tensor g, Tensor x, Tensor y) -> Tensor");
 }

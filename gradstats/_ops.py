@@ -8,7 +8,7 @@ import torch
 
 Strategy = Literal["auto", "outer", "gram", "direct"]
 
-__all__ = ["linear_norms", "linear_fused", "linear_strategy"]
+__all__ = ["linear_norms", "linear_fused", "linear_strategy", "grad_summary"]
 
 
 def linear_norms(
@@ -40,6 +40,12 @@ def linear_fused(
     into dW, so the norms cost little beyond the weight gradient itself.
     """
     return torch.ops.gradstats.linear_fused.default(A, G, strategy)
+
+
+def grad_summary(g: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One pass over ``g`` ``[R, C]``: float64 ``[1 + K]`` = ``(sum g^2, x_j^T g y_j ...)`` for
+    ``x`` ``[R, K]`` and ``y`` ``[C, K]`` (float64), with no copy of ``g``."""
+    return torch.ops.gradstats.grad_summary.default(g, x, y)
 
 
 def linear_strategy(T: int, d_in: int, d_out: int, cuda: bool = False) -> str:
@@ -78,3 +84,9 @@ def _linear_fused_fake(A, G, strategy="auto"):
         A.new_empty((B,), dtype=dt),
         A.new_empty((B,), dtype=dt),
     )
+
+
+@torch.library.register_fake("gradstats::grad_summary")
+def _grad_summary_fake(g, x, y):
+    torch._check(g.dim() == 2, lambda: "grad_summary: g must be 2-D")
+    return x.new_empty((1 + x.shape[1],), dtype=torch.float64)

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
+from . import _ops
 from .estimators import NoiseScaleEMA, StepEstimate, step_estimate
 from .rules import Rule, rule_for
 from .rules.base import PROBES, cross_term
@@ -81,6 +82,19 @@ class _Param:
             qualname, param, layer, rule, local)
         self.vectors = rule.probe_vectors(local, param, gen)
         self.uses = 1
+        if len(self.vectors) == 2:  # rank-1 directions over [shape[0], rest]
+            self.rows, (self.x, self.y) = param.shape[0], self.vectors
+        else:  # full directions [numel, PROBES]
+            self.rows, self.x = param.numel(), self.vectors[0]
+            self.y = torch.ones(1, self.x.shape[1], dtype=torch.float64, device=self.x.device)
+
+    def summary(self, grad: torch.Tensor) -> torch.Tensor:
+        """float64 ``[1 + PROBES]``: ``|grad|^2`` and the probe projections, in one pass."""
+        if grad.is_sparse:
+            g = grad.coalesce().to_dense()
+            return torch.cat([g.double().square().sum().reshape(1),
+                              self.rule.probe_grad(self.local, g, self.vectors)])
+        return _ops.grad_summary(grad.reshape(self.rows, -1), self.x, self.y)
 
 
 class _Layer:
@@ -463,11 +477,7 @@ class GradStatsMonitor:
             if g is None:
                 grad_side.append(torch.zeros(1 + PROBES, **f64))
             else:
-                gd = _dense(g.detach())
-                # float32 sums are cascaded (accurate to ~1e-8 here) and skip a float64 copy
-                sq = (gd if gd.dtype in (torch.float32, torch.float64) else gd.float()).square()
-                grad_side += [sq.sum().double().reshape(1).to(device),
-                              P.rule.probe_grad(P.local, gd, P.vectors).to(device)]
+                grad_side.append(P.summary(g.detach()).to(device))
         scale = (self._scale_seen.double().reshape(1).to(device) if self._scale_seen is not None
                  else torch.ones(1, **f64))
         counts = torch.tensor([n_local, n_local**2], **f64)
@@ -636,10 +646,6 @@ class GradStatsMonitor:
 def _layer_stats(est: StepEstimate, ema: NoiseScaleEMA) -> LayerStats:
     return LayerStats(est.tr_sigma, est.g2, est.b_simple, est.defined, est.reason,
                       ema.tr_sigma, ema.g2, ema.b_simple)
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t.coalesce().to_dense() if t.is_sparse else t
 
 
 def _batch_first(saved: Any, dim: int) -> Any:
