@@ -16,15 +16,18 @@ def test_grad_summary_matches_float64(device, dtype, R, C, K):
     got = _ops.grad_summary(g, x, y)
     gd = g.double()
     want = torch.cat([gd.square().sum().reshape(1), ((gd @ y) * x).sum(0)])
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * (gd.abs().sum().item() + 1))
+    # float32 accumulation within rows for float32/bfloat16 gradients (float64 across rows):
+    # the error scales with the sums of absolute terms
+    scale = torch.cat([gd.square().sum().reshape(1), ((gd.abs() @ y.abs()) * x.abs()).sum(0)])
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert ((got - want).abs() <= rtol * scale).all(), ((got - want).abs() / scale).max()
 
 
 def test_grad_summary_of_a_transposed_view():
-    g = torch.randn(9, 6).t()
+    g = torch.randn(9, 6, dtype=torch.float64).t()
     x, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
-    gd = g.double()
-    want = torch.cat([gd.square().sum().reshape(1), ((gd @ y) * x).sum(0)])
-    torch.testing.assert_close(_ops.grad_summary(g, x, y), want)
+    want = torch.cat([g.square().sum().reshape(1), ((g @ y) * x).sum(0)])
+    torch.testing.assert_close(_ops.grad_summary(g, x, y), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("args, match", [

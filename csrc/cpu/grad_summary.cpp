@@ -1,6 +1,5 @@
 // grad_summary: sum g^2 and the probe projections x_j^T g y_j of a gradient in one pass, with
 // float64 accumulation and no copy of the gradient (it can be a large embedding table).
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -29,50 +28,82 @@ void check_summary_args(const at::Tensor& g, const at::Tensor& x, const at::Tens
               "grad_summary: g, x and y must be on one device");
 }
 
-constexpr int kMaxK = 8;
+constexpr int kLanes = 16;
+
+// Rows [r0, r1) of g [R, C]: out[0] += sum g^2, out[1 + j] += x[r, j] * (g[r, :] . y[:, j]).
+// Within a row the sums run in kLanes independent lanes of acc_t (float for float gradients,
+// which vectorises; each row's total then joins a float64 sum), so no reassociation is needed
+// for the compiler to use SIMD.
+template <typename scalar_t, typename acc_t, int K>
+void summarize_rows(const scalar_t* g, int64_t r0, int64_t r1, int64_t C, const acc_t* yt,
+                    const double* x, double* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* row = g + r * C;
+    acc_t sq[kLanes] = {};
+    acc_t rd[K][kLanes] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= C; k += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t v = acc_t(row[k + l]);
+        sq[l] += v * v;
+        for (int j = 0; j < K; ++j) rd[j][l] += v * yt[j * C + k + l];
+      }
+    }
+    for (int l = 0; k < C; ++k, ++l) {
+      const acc_t v = acc_t(row[k]);
+      sq[l] += v * v;
+      for (int j = 0; j < K; ++j) rd[j][l] += v * yt[j * C + k];
+    }
+    double s = 0;
+    for (int l = 0; l < kLanes; ++l) s += double(sq[l]);
+    out[0] += s;
+    for (int j = 0; j < K; ++j) {
+      double d = 0;
+      for (int l = 0; l < kLanes; ++l) d += double(rd[j][l]);
+      out[1 + j] += x[r * K + j] * d;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void summarize(const at::Tensor& g, const at::Tensor& x, const at::Tensor& y, int64_t K,
+               std::vector<double>& partial, int64_t chunks) {
+  const int64_t R = g.size(0), C = g.size(1);
+  at::Tensor yt = y.t().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();  // [K, C]
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const acc_t* yp = yt.const_data_ptr<acc_t>();
+  const double* xp = x.const_data_ptr<double>();
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      double* out = partial.data() + c * (1 + K);
+      const int64_t r0 = c * R / chunks, r1 = (c + 1) * R / chunks;
+      switch (K) {
+        case 1: summarize_rows<scalar_t, acc_t, 1>(gp, r0, r1, C, yp, xp, out); break;
+        case 2: summarize_rows<scalar_t, acc_t, 2>(gp, r0, r1, C, yp, xp, out); break;
+        case 3: summarize_rows<scalar_t, acc_t, 3>(gp, r0, r1, C, yp, xp, out); break;
+        default: summarize_rows<scalar_t, acc_t, 4>(gp, r0, r1, C, yp, xp, out); break;
+      }
+    }
+  });
+}
 
 at::Tensor grad_summary_cpu(const at::Tensor& g_in, const at::Tensor& x_in,
                             const at::Tensor& y_in) {
   check_summary_args(g_in, x_in, y_in);
   const int64_t K = x_in.size(1);
-  TORCH_CHECK(K <= kMaxK, "grad_summary: at most ", kMaxK, " projections, got K = ", K);
+  TORCH_CHECK(K >= 1 && K <= 4, "grad_summary: 1 to 4 projections on CPU, got K = ", K);
   at::Tensor g = g_in.scalar_type() == at::kFloat || g_in.scalar_type() == at::kDouble
                      ? g_in.contiguous()
                      : g_in.to(at::kFloat).contiguous();
-  at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
-  const int64_t R = g.size(0), C = g.size(1);
+  at::Tensor x = x_in.contiguous();
+  const int64_t R = g.size(0);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(R, 4 * at::get_num_threads()));
   std::vector<double> partial(chunks * (1 + K), 0.0);
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gradstats_grad_summary", [&] {
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const double* xp = x.const_data_ptr<double>();
-    const double* yp = y.const_data_ptr<double>();
-    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        double* out = partial.data() + c * (1 + K);
-        for (int64_t r = c * R / chunks; r < (c + 1) * R / chunks; ++r) {
-          const scalar_t* row = gp + r * C;
-          double sq[4] = {0, 0, 0, 0};
-          double rd[kMaxK] = {0};
-          int64_t k = 0;
-          for (; k + 4 <= C; k += 4) {
-            for (int u = 0; u < 4; ++u) {
-              const double v = double(row[k + u]);
-              sq[u] += v * v;
-              for (int64_t j = 0; j < K; ++j) rd[j] += v * yp[(k + u) * K + j];
-            }
-          }
-          for (; k < C; ++k) {
-            const double v = double(row[k]);
-            sq[0] += v * v;
-            for (int64_t j = 0; j < K; ++j) rd[j] += v * yp[k * K + j];
-          }
-          out[0] += (sq[0] + sq[1]) + (sq[2] + sq[3]);
-          for (int64_t j = 0; j < K; ++j) out[1 + j] += xp[r * K + j] * rd[j];
-        }
-      }
-    });
-  });
+  if (g.scalar_type() == at::kDouble) {
+    summarize<double, double>(g, x, y_in, K, partial, chunks);
+  } else {
+    summarize<float, float>(g, x, y_in, K, partial, chunks);
+  }
   at::Tensor result = at::zeros({1 + K}, x.options());
   double* rp = result.mutable_data_ptr<double>();
   for (int64_t c = 0; c < chunks; ++c)
