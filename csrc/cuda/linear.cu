@@ -38,16 +38,17 @@ __device__ acc_t block_sum(acc_t v) {
 }
 
 // out[r] = sum_k x[r, k] * y[r, k]; one block per row. Row-major, contiguous rows of length n.
+// Accumulates in double: Gram rows can hold terms that largely cancel.
 template <typename scalar_t>
 __global__ void row_dot_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                                int64_t n, scalar_t* __restrict__ out) {
   const int64_t r = blockIdx.x;
   const scalar_t* xr = x + r * n;
   const scalar_t* yr = y + r * n;
-  scalar_t acc = 0;
-  for (int64_t k = threadIdx.x; k < n; k += kThreads) acc += xr[k] * yr[k];
+  double acc = 0;
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) acc += double(xr[k]) * double(yr[k]);
   acc = block_sum(acc);
-  if (threadIdx.x == 0) out[r] = acc;
+  if (threadIdx.x == 0) out[r] = scalar_t(acc);
 }
 
 // Writes sum_k x[r,k] y[r,k] for each row r of 2-D contiguous x, y into out[0..rows).
