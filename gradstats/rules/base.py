@@ -126,19 +126,31 @@ def cross_term(f1: Factor, f2: Factor) -> torch.Tensor:
     return (ka * kg).sum((1, 2))
 
 
+def _work(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def factored_probe(rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                    ) -> torch.Tensor:
     """``[2 PROBES]``: ``<x_j y_j^T, sum_t r_t c_t^T>`` for rows ``[N, R]`` and cols ``[N, C]``,
-    then the same sums over absolute values (the rounding scale)."""
-    r, c = rows.double(), cols.double()
-    ra, ca = r.abs(), c.abs()
-    # one matrix-vector product per direction: much faster on CPU than one [., PROBES] product
-    value = [(r @ x[:, j]) @ (c @ y[:, j]) for j in range(x.shape[1])]
-    bound = [(ra @ x[:, j].abs()) @ (ca @ y[:, j].abs()) for j in range(x.shape[1])]
-    return torch.stack(value + bound)
+    then a bound on the sum of the absolute values of its terms (the rounding scale),
+    ``|x_j||y_j| sum_t |r_t||c_t|`` by Cauchy-Schwarz.
+
+    Matrix-vector products run in the inputs' precision (float32 or float64) and their per-row
+    results are combined in float64: no float64 or absolute-value copies of ``rows``/``cols``."""
+    r, c = _work(rows), _work(cols)
+    xs, ys = x.to(r.dtype), y.to(c.dtype)
+    value = [(r @ xs[:, j]).double() @ (c @ ys[:, j]).double() for j in range(x.shape[1])]
+    scale = (torch.linalg.vector_norm(r, dim=1).double()
+             @ torch.linalg.vector_norm(c, dim=1).double())
+    bound = scale * torch.linalg.vector_norm(x, dim=0) * torch.linalg.vector_norm(y, dim=0)
+    return torch.cat([torch.stack(value), bound])
 
 
 def summed_probe(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``[2 PROBES]``: ``<v_j, sum_t r_t>`` for rows ``[N, R]``, then over absolute values."""
-    r = rows.double()
-    return torch.cat([(r @ v).sum(0), (r.abs() @ v.abs()).sum(0)])
+    """``[2 PROBES]``: ``<v_j, sum_t r_t>`` for rows ``[N, R]``, then the bound
+    ``|v_j| sum_t |r_t|``."""
+    r = _work(rows)
+    value = r.sum(0).double() @ v
+    bound = torch.linalg.vector_norm(r, dim=1).double().sum() * torch.linalg.vector_norm(v, dim=0)
+    return torch.cat([value, bound])

@@ -163,29 +163,24 @@ class ConvRule(Rule):
         convolution has no fast kernel); the sums over positions are float64."""
         x, grad = _batched(module, saved, grad_output)
         B, C_out, g = grad.shape[0], grad.shape[1], module.groups
-        G = grad.double().reshape(B, g, C_out // g, -1)  # [B, g, C_out/g, L]
+        dt = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
+        G = grad.to(dt).reshape(B, g, C_out // g, -1)  # [B, g, C_out/g, L]
         out = {}
         if "weight" in vectors:
             vx, vy = vectors["weight"]
-            dt = torch.promote_types(x.dtype, torch.float32)
             xp = _padded(module, x.to(dt))
             n = _spatial_dims(module)
             ky = vy.t().to(dt).reshape(PROBES, -1, *module.kernel_size).repeat(g, *[1] * (1 + n))
-            conv = _CONV_FNS[n]
-
-            def ay(inp, k):
-                return conv(inp, k, stride=module.stride, dilation=module.dilation,
-                            groups=g).double().reshape(B, g, PROBES, -1)
-
-            vxg = vx.reshape(g, C_out // g, PROBES)
-            value = (torch.einsum("bgol,gop->bgpl", G, vxg) * ay(xp, ky)).sum((0, 1, 3))
-            bound = (torch.einsum("bgol,gop->bgpl", G.abs(), vxg.abs())
-                     * ay(xp.abs(), ky.abs())).sum((0, 1, 3))
-            out["weight"] = torch.cat([value, bound])
+            ay = _CONV_FNS[n](xp, ky, stride=module.stride, dilation=module.dilation,
+                              groups=g).double().reshape(B, g, PROBES, -1)
+            gx = torch.einsum("bgol,gop->bgpl", G, vx.to(dt).reshape(g, C_out // g, PROBES))
+            # the bound sums the products' absolute values: the scale of the float64 sums
+            prod = gx.double() * ay
+            out["weight"] = torch.cat([prod.sum((0, 1, 3)), prod.abs().sum((0, 1, 3))])
         if "bias" in vectors:
             v = vectors["bias"][0]
-            s, sa = G.sum((0, 3)).reshape(-1), G.abs().sum((0, 3)).reshape(-1)
-            out["bias"] = torch.cat([s @ v, sa @ v.abs()])
+            gv = torch.einsum("bol,op->bpl", G.reshape(B, C_out, -1), v.to(dt)).double()
+            out["bias"] = torch.cat([gv.sum((0, 2)), gv.abs().sum((0, 2))])
         return out
 
     def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
