@@ -46,14 +46,30 @@ class _AffineNormRule(Rule):
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
         raise NotImplementedError
 
-    def norms(self, module, saved, grad_output):
+    def _per_example(self, module, saved, grad_output) -> dict[str, torch.Tensor]:
+        """Each example's dgamma and dbeta, ``[B, K]``, in the input's precision (>= float32)."""
         g, xhat, rd = self.layout(module, saved, grad_output, _compute_dtype(saved))
         out = {}
         if _needs(module, "weight"):
-            out["weight"] = (g * xhat).sum(rd).square().sum(1)
+            out["weight"] = (g * xhat).sum(rd)
         if _needs(module, "bias"):
-            out["bias"] = g.sum(rd).square().sum(1)
+            out["bias"] = g.sum(rd)
         return out
+
+    def norms(self, module, saved, grad_output):
+        return {k: v.square().sum(1) for k, v in
+                self._per_example(module, saved, grad_output).items()}
+
+    def collect(self, module, saved, grad_output, vectors):
+        """Norms and probe from one pass: the probe projects the per-example gradients (small
+        ``[B, K]`` tensors) in float64; its bound sums their absolute values."""
+        per = self._per_example(module, saved, grad_output)
+        norms = {k: v.square().sum(1) for k, v in per.items()}
+        probes = {}
+        for k, (v,) in (vectors or {}).items():
+            d = per[k].double()
+            probes[k] = torch.cat([d.sum(0) @ v, d.abs().sum(0) @ v.abs()])
+        return norms, probes
 
     def factors(self, module, saved, grad_output):
         """The per-example gradients themselves (``[B, 1, K]`` rows, unit columns): these
