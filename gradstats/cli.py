@@ -104,3 +104,5 @@ def _register_builtin() -> None:
     COMMANDS.setdefault("demo", Command(demo.HELP, demo.add_arguments, demo.run_cli))
     from . import sweep
     COMMANDS.setdefault("critical-batch", Command(sweep.HELP, sweep.add_arguments, sweep.run_cli))
+    from . import bench
+    COMMANDS.setdefault("bench", Command(bench.HELP, bench.add_arguments, bench.run_cli))
