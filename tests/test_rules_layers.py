@@ -442,3 +442,35 @@ def test_small_cnn_whole_model(mode, dtype):
                                        if k.startswith(name + ".")], 1))
         assert _rel(stats.layers[name].tr_sigma, r["tr"]) < rtol
 
+
+
+@pytest.mark.parametrize("make, x_shape, want", [
+    (lambda: nn.Conv2d(3, 8, 3, padding=1), (3, 12, 12), "direct"),  # many positions
+    (lambda: nn.Conv2d(16, 16, 3, stride=2, groups=2), (16, 5, 5), "gram"),  # few positions
+])
+def test_conv_strategies_match_torch_func(make, x_shape, want):
+    """Both conv routes: per-example weight gradients from the batch-as-groups weight-gradient
+    kernel (direct) and the unfolded Gram route."""
+    import math
+
+    from gradstats import _ops
+
+    conv = make().double()
+    with torch.no_grad():
+        out_shape = conv(torch.zeros(1, *x_shape, dtype=torch.float64)).shape
+    positions = math.prod(out_shape[2:])
+    patch = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    assert _ops.linear_strategy(positions, patch, conv.out_channels // conv.groups) == want
+    x = torch.randn(5, *x_shape, dtype=torch.float64)
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(conv, p, (xi[None],)).square().sum()
+
+    g = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    ref = g["weight"].flatten(1).square().sum(1)
+    from gradstats.rules import rule_for
+
+    G = 2 * conv(x).detach()
+    got = rule_for(conv).norms(conv, x, G)["weight"]
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)

@@ -34,6 +34,10 @@ _UNFOLD_CHUNK_ELEMS = 1 << 23
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                3: torch.nn.grad.conv3d_weight}
+
+
 def _spatial_dims(module: nn.Module) -> int:
     return len(module.kernel_size)
 
@@ -106,20 +110,51 @@ class ConvRule(Rule):
         out: dict[str, torch.Tensor] = {}
         B, g = x.shape[0], module.groups
         if _needs(module, "weight"):
-            patch = (x.shape[1] // g) * math.prod(module.kernel_size) * g
+            patch = (x.shape[1] // g) * math.prod(module.kernel_size)
             positions = math.prod(grad.shape[2:])
-            step = max(1, _UNFOLD_CHUNK_ELEMS // max(1, patch * positions))
-            parts = []
-            for lo in range(0, B, step):
-                A = _unfold_groups(module, _padded(module, x[lo:lo + step]))
-                Gg = _grad_groups(module, grad[lo:lo + step])
-                w, _ = _ops.linear_norms(A, Gg)
-                parts.append(w.view(-1, g).sum(1))
-            out["weight"] = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if _ops.linear_strategy(positions, patch, grad.shape[1] // g) == "direct":
+                out["weight"] = self._direct_norms(module, x, grad)
+            else:
+                out["weight"] = self._unfolded_norms(module, x, grad, patch * g * positions)
         if _needs(module, "bias"):
             dt = torch.promote_types(grad.dtype, torch.float32)
             out["bias"] = grad.reshape(B, grad.shape[1], -1).sum(2, dtype=dt).square().sum(1)
         return out
+
+    def _unfolded_norms(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor,
+                        per_example: int) -> torch.Tensor:
+        """Through the unfold (im2col) view as a Linear layer with T = output positions, in
+        chunks of examples that bound the patch buffer."""
+        B, g = x.shape[0], module.groups
+        step = max(1, _UNFOLD_CHUNK_ELEMS // max(1, per_example))
+        parts = []
+        for lo in range(0, B, step):
+            A = _unfold_groups(module, _padded(module, x[lo:lo + step]))
+            w, _ = _ops.linear_norms(A, _grad_groups(module, grad[lo:lo + step]))
+            parts.append(w.view(-1, g).sum(1))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _direct_norms(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor
+                      ) -> torch.Tensor:
+        """``|dW_i|^2`` from each example's weight gradient, formed by the convolution
+        weight-gradient kernel run with the batch folded into the groups (no patch buffer);
+        chunks of examples bound the ``[chunk, P]`` gradients."""
+        B, g, n = x.shape[0], module.groups, _spatial_dims(module)
+        dt = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
+        P = module.weight.numel()
+        step = max(1, _UNFOLD_CHUNK_ELEMS // max(1, P))
+        parts = []
+        for lo in range(0, B, step):
+            xp = _padded(module, x[lo:lo + step].to(dt))
+            gc = grad[lo:lo + step].to(dt)
+            b = xp.shape[0]
+            dw = _WEIGHT_GRAD[n](
+                xp.reshape(1, b * xp.shape[1], *xp.shape[2:]),
+                (b * module.out_channels, module.in_channels // g, *module.kernel_size),
+                gc.reshape(1, b * gc.shape[1], *gc.shape[2:]),
+                stride=module.stride, padding=0, dilation=module.dilation, groups=b * g)
+            parts.append(dw.reshape(b, -1).square().sum(1))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def factors(self, module, saved, grad_output):
         """For a convolution called more than once per forward (a shared tower): the
