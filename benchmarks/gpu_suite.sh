@@ -135,6 +135,8 @@ benchmarks() {
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
     "$PY" "$f" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" || rc=1
   done
+  echo "--- benchmarks/run_suite.py (full GPT-2 small on the GPU)" | tee -a "$OUT/bench.log"
+  "$PY" benchmarks/run_suite.py --device cuda 2>&1 | tee -a "$OUT/bench.log" || rc=1
   # Results written by this run: copied when few, packed otherwise ($OUT returns at most 8 files).
   local produced=()
   while IFS= read -r -d '' f; do produced+=("$f"); done < <(
