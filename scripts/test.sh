@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv-test}
 start=$(date +%s)
-FRESH=1 bash scripts/setup_env.sh "$venv" test
+FRESH=1 bash scripts/setup_env.sh "$venv" test,demo
 built=$(date +%s)
 if command -v nvcc >/dev/null 2>&1 && [[ "${GRADSTATS_SKIP_CUDA:-0}" != 1 ]]; then
   export GRADSTATS_FORCE_CUDA=1  # the build above had to compile the CUDA kernels
