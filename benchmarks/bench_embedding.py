@@ -30,7 +30,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -39,25 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gradstats  # noqa: E402
 from gradstats import GradStatsMonitor, _ops  # noqa: E402
 from gradstats.rules import rule_for  # noqa: E402
+from gradstats.bench import sync_device as sync  # noqa: E402
+from gradstats.bench import time_call as time_once  # noqa: E402
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once(fn, device: torch.device) -> float:
-    """Seconds for one call (CUDA events on a GPU)."""
-    if device.type == "cuda":
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def measure_interleaved(fns: dict, device, rounds: int, warmup: int) -> dict[str, dict]:

@@ -39,6 +39,8 @@ from torch.func import functional_call, grad, vmap
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gradstats  # noqa: E402
 from gradstats import reference  # noqa: E402
+from gradstats.bench import sync_device as sync  # noqa: E402
+from gradstats.bench import time_call as time_once  # noqa: E402
 
 # (name, B, T, d_in, d_out); T = 1 means A is [B, d_in].
 SHAPES = [
@@ -52,23 +54,6 @@ STRATEGIES = ["auto", "outer", "gram", "direct"]
 
 # ----------------------------------------------------------------------------------------------
 # Timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once(fn, device: torch.device) -> float:
-    """Seconds for one call (CUDA events on a GPU)."""
-    if device.type == "cuda":
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        return start.elapsed_time(stop) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def first_call(fn, device, too_slow: float):

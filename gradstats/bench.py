@@ -65,7 +65,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -471,7 +471,7 @@ METHODS = methods_for  # the list for a case
 
 
 # ============================================================================ measurement
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -699,7 +699,7 @@ def measure_case(case: ModelCase, device: torch.device, dtype: torch.dtype, timi
         # warm-up (the first call also tells OOM / unsupported / errors)
         out = None
         for _ in range(max(1, timing.warmup)):
-            out = _guard(lambda: (made(), _sync(device))[0], device)
+            out = _guard(lambda: (made(), sync_device(device))[0], device)
             if isinstance(out, str):
                 break
         if isinstance(out, str):
@@ -811,12 +811,12 @@ def attribute_time(case: ModelCase, base: nn.Module, x, y, mode: str, device: to
         f = vars(owner)[attr] if isinstance(owner, type) else getattr(owner, attr)
 
         def timed(*a, **k):
-            _sync(device)
+            sync_device(device)
             t = time.perf_counter()
             try:
                 return f(*a, **k)
             finally:
-                _sync(device)
+                sync_device(device)
                 acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
         patched.append((owner, attr, f))
         setattr(owner, attr, timed)
@@ -841,7 +841,7 @@ def attribute_time(case: ModelCase, base: nn.Module, x, y, mode: str, device: to
         gs = m_gradstats(mode, "auto")(case, m1, x, y)
         for fn in (plain, gs):
             fn()
-            _sync(device)
+            sync_device(device)
         best = None  # (other load, plain times, gradstats times, components)
         for _ in range(1 + (retries if device.type == "cpu" else 0)):
             tp, tg = [], []

@@ -584,7 +584,7 @@ def format_result(result: dict[str, Any]) -> str:
             f"{_num(on['run_average'])}",
             f"  whole training split (exact), at the start {_num(whole['at_start'])}, at the "
             f"target {_num(whole['at_target'])}, run average {_num(whole['run_average'])}",
-            f"  the model step by step (S_min = sum 1/(1 + B_simple/B), E_min = sum "
+            "  the model step by step (S_min = sum 1/(1 + B_simple/B), E_min = sum "
             "B_simple/(1 + B_simple/B)):",
             f"    S_min {_num(pred['s_min'])}, E_min {_num(pred['e_min'])}, "
             f"B_crit {_num(pred['b_crit'])}   (fit: {_num(f['b_crit'])}, ratio fit/predicted "

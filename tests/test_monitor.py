@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import gradstats
 from gradstats import ContractError, GradStatsMonitor
 from monitor_problems import (PROBLEMS, data, example_losses, per_example_grads, reference_stats,
                               train_step)

@@ -162,7 +162,7 @@ class ConvRule(Rule):
         columns of ``C_out`` unit rows (``[B, C_out, C_out]``), and ``db_i`` as one row. This
         forms the ``B x P`` per-example weight gradients, for shared layers only."""
         x, grad = _batched(module, saved, grad_output)
-        B, C_out, g = grad.shape[0], grad.shape[1], module.groups
+        B, C_out = grad.shape[0], grad.shape[1]
         dt = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
         out = {}
         if _needs(module, "weight"):
