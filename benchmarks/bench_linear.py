@@ -39,6 +39,7 @@ from torch.func import functional_call, grad, vmap
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gradstats  # noqa: E402
 from gradstats import reference  # noqa: E402
+from gradstats.bench import device_name  # noqa: E402
 from gradstats.bench import sync_device as sync  # noqa: E402
 from gradstats.bench import time_call as time_once  # noqa: E402
 
@@ -163,19 +164,6 @@ def dw_rel_err(dW, ref) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git_state() -> dict:
     """The commit, and whether the kernel sources differ from it (results then describe a
     working tree, not the commit)."""
