@@ -35,15 +35,17 @@ def _worker(rank, init_file, result_file, base, batches):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
-    try:
-        res = {}
-        for mode in ("hooks", "fused"):
-            model = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
-            res[mode] = _run(model, batches, mode, ddp_rank=rank)
-        if rank == 0:
-            torch.save(res, result_file)
-    finally:
-        dist.destroy_process_group()
+    res = {}
+    for mode in ("hooks", "fused"):
+        model = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+        res[mode] = _run(model, batches, mode, ddp_rank=rank)
+        del model
+    if rank == 0:
+        torch.save(res, result_file)
+    # Both ranks done with every collective before either tears gloo down (a rank that exits
+    # while its peer still holds the connection can abort in gloo's threads).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.mark.slow
