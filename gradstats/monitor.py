@@ -398,12 +398,13 @@ class GradStatsMonitor:
                 probes = layer.rule.probe(layer.module, saved, grad, vectors)
             shared = [k for k, p in layer.params.items()
                       if k in norms and (p.uses > 1 or layer.calls.get(fid, 1) > 1)]
-            factors = layer.rule.factors(layer.module, saved, grad) if shared else {}
-        except NotImplementedError:
-            raise ContractError(
-                f"{', '.join(layer.params[k].qualname for k in shared)} is used more than once "
-                f"per forward, and the {type(layer.rule).__name__} has no cross terms for it"
-            ) from None
+            try:
+                factors = layer.rule.factors(layer.module, saved, grad) if shared else {}
+            except NotImplementedError:
+                raise ContractError(
+                    f"{', '.join(layer.params[k].qualname for k in shared)} is used more than "
+                    f"once per forward, and the {type(layer.rule).__name__} has no cross terms "
+                    "for it") from None
         finally:
             self._paused -= 1
         acc = self._norms.setdefault(fid, {})
