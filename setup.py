@@ -102,8 +102,8 @@ if WITH_CUDA:
         ("GRADSTATS_CUDA_VERSION", f'"{torch.version.cuda}"'),
     ]
     # The CUDA wheels ship the cuBLAS/cuSPARSE headers some ATen CUDA headers include.
-    for site in {os.path.dirname(os.path.dirname(torch.__file__))}:
-        include_dirs += [d for d in glob.glob(os.path.join(site, "nvidia", "cu*", "include"))]
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    include_dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
     Ext = cpp_extension.CUDAExtension
     extra = {"cxx": cxx_flags, "nvcc": ["-O3"]}
 else:
