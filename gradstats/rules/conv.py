@@ -16,7 +16,7 @@ as the module does (``F.pad``) before unfolding. ConvTranspose layers have no ru
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -134,16 +134,14 @@ class ConvRule(Rule):
             parts.append(w.view(-1, g).sum(1))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _direct_norms(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor
-                      ) -> torch.Tensor:
-        """``|dW_i|^2`` from each example's weight gradient, formed by the convolution
-        weight-gradient kernel run with the batch folded into the groups (no patch buffer);
-        chunks of examples bound the ``[chunk, P]`` gradients."""
+    def _weight_grads(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor
+                      ) -> Iterator[torch.Tensor]:
+        """Each example's weight gradient ``[b, C_out, C_in/groups * prod(k)]``, chunk by chunk
+        of examples (bounding the ``[chunk, P]`` buffer), from the convolution weight-gradient
+        kernel run with the batch folded into the groups (no patch buffer)."""
         B, g, n = x.shape[0], module.groups, _spatial_dims(module)
         dt = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
-        P = module.weight.numel()
-        step = max(1, _UNFOLD_CHUNK_ELEMS // max(1, P))
-        parts = []
+        step = max(1, _UNFOLD_CHUNK_ELEMS // max(1, module.weight.numel()))
         for lo in range(0, B, step):
             xp = _padded(module, x[lo:lo + step].to(dt))
             gc = grad[lo:lo + step].to(dt)
@@ -153,8 +151,12 @@ class ConvRule(Rule):
                 (b * module.out_channels, module.in_channels // g, *module.kernel_size),
                 gc.reshape(1, b * gc.shape[1], *gc.shape[2:]),
                 stride=module.stride, padding=0, dilation=module.dilation, groups=b * g)
-            parts.append(dw.reshape(b, -1).square().sum(1))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+            yield dw.reshape(b, module.out_channels, -1)
+
+    def _direct_norms(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor
+                      ) -> torch.Tensor:
+        """``|dW_i|^2`` from each example's weight gradient."""
+        return torch.cat([dw.square().sum((1, 2)) for dw in self._weight_grads(module, x, grad)])
 
     def factors(self, module, saved, grad_output):
         """For a convolution called more than once per forward (a shared tower): the
@@ -166,10 +168,9 @@ class ConvRule(Rule):
         dt = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
         out = {}
         if _needs(module, "weight"):
-            A = _unfold_groups(module, _padded(module, x.to(dt)))
-            dW = torch.bmm(_grad_groups(module, grad.to(dt)).transpose(1, 2), A)
+            dW = torch.cat(list(self._weight_grads(module, x, grad)))
             eye = torch.eye(C_out, dtype=dt, device=grad.device).expand(B, C_out, C_out)
-            out["weight"] = Factor(cols=dW.reshape(B, C_out, -1), rows=eye)
+            out["weight"] = Factor(cols=dW, rows=eye)
         if _needs(module, "bias"):
             db = grad.reshape(B, C_out, -1).sum(2, dtype=dt)
             out["bias"] = Factor(cols=db.new_ones(B, 1, 1), rows=db[:, None])
