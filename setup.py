@@ -87,7 +87,7 @@ with open(os.path.join(HERE, "gradstats", "_build_config.py"), "w") as f:
     f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
     f.write(f"WITH_CUDA = {WITH_CUDA!r}\n")
 
-sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/accumulate.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 macros = [
     ("GRADSTATS_VERSION", f'"{__version__}"'),
     ("GRADSTATS_TORCH_VERSION", f'"{torch.__version__}"'),

@@ -1,9 +1,11 @@
-// Argument checks, the strategy cost model and dtype rules shared by the CPU and CUDA kernels.
+// Argument checks, the strategy cost model, dtype rules and chunk sizing shared by the CPU and
+// CUDA kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <string>
 #include <string_view>
 
@@ -30,9 +32,9 @@ inline const char* strategy_name(Strategy s) {
 }
 
 // The cheaper route by multiply-adds: Gram ~T^2 (d_in + d_out) per example, direct ~T d_in d_out.
-// On the CPU this picked the faster route on every shape in benchmarks/results/linear_cpu*.md;
-// `cuda` is there for a per-device correction once the crossover is measured on a GPU.
-inline Strategy choose_strategy(int64_t T, int64_t d_in, int64_t d_out, bool /*cuda*/) {
+// The Gram route centres A and G over positions first (see gram_correction in accumulate.h),
+// so choosing it never trades accuracy for speed.
+inline Strategy choose_strategy(int64_t T, int64_t d_in, int64_t d_out) {
   if (T == 1) return Strategy::Outer;
   const double gram = double(T) * double(T) * double(d_in + d_out);
   const double direct = double(T) * double(d_in) * double(d_out);
@@ -43,7 +45,8 @@ struct LinearShape {
   int64_t B, T, d_in, d_out;
 };
 
-// Validates A [B, ..., d_in] and G [B, ..., d_out]; every message names the argument.
+// Validates A [B, ..., d_in] and G [B, ..., d_out]; every message names the argument. An empty
+// batch (B = 0) is valid: it contributes nothing.
 inline LinearShape check_linear_inputs(const at::Tensor& A, const at::Tensor& G, const char* op) {
   TORCH_CHECK(A.defined(), op, ": A is undefined");
   TORCH_CHECK(G.defined(), op, ": G is undefined");
@@ -61,7 +64,9 @@ inline LinearShape check_linear_inputs(const at::Tensor& A, const at::Tensor& G,
               A.device(), " and G on ", G.device());
   TORCH_CHECK(A.size(0) == G.size(0), op, ": A and G must have the same batch size, got A ",
               A.sizes(), " and G ", G.sizes());
-  TORCH_CHECK(A.size(0) > 0, op, ": empty batch (A has batch size 0)");
+  TORCH_CHECK(!A.requires_grad() && !G.requires_grad(), op,
+              ": A and G must not require grad (pass A.detach(), G.detach()); the ops are not "
+              "differentiable");
   int64_t T = 1;
   for (int64_t d = 1; d + 1 < A.dim(); ++d) {
     TORCH_CHECK(A.size(d) == G.size(d), op, ": A and G must agree in every dim but the last, ",
@@ -71,10 +76,10 @@ inline LinearShape check_linear_inputs(const at::Tensor& A, const at::Tensor& G,
   return {A.size(0), T, A.size(-1), G.size(-1)};
 }
 
-inline Strategy resolve_strategy(std::string_view requested, const LinearShape& s, bool cuda,
+inline Strategy resolve_strategy(std::string_view requested, const LinearShape& s,
                                  const char* op) {
   Strategy st = parse_strategy(requested);
-  if (st == Strategy::Auto) return choose_strategy(s.T, s.d_in, s.d_out, cuda);
+  if (st == Strategy::Auto) return choose_strategy(s.T, s.d_in, s.d_out);
   TORCH_CHECK(st != Strategy::Outer || s.T == 1, op,
               ": strategy 'outer' needs one position per example (T == 1), got T = ", s.T);
   return st;
@@ -84,6 +89,21 @@ inline Strategy resolve_strategy(std::string_view requested, const LinearShape& 
 inline at::ScalarType norm_dtype(const at::Tensor& A, const at::Tensor& G) {
   return (A.scalar_type() == at::kDouble || G.scalar_type() == at::kDouble) ? at::kDouble
                                                                             : at::kFloat;
+}
+
+// Examples per chunk so that a chunk's scratch (elems_per_example elements of elem_size bytes
+// each) stays within budget_bytes; at least one example.
+inline int64_t chunk_for(int64_t B, int64_t elems_per_example, int64_t elem_size,
+                         int64_t budget_bytes) {
+  const int64_t per = std::max<int64_t>(1, elems_per_example * elem_size);
+  return std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(B, 1), budget_bytes / per));
+}
+
+// A and G as contiguous [B, T, d] in dtype `dt` (a copy only where the layout or dtype differs).
+inline std::pair<at::Tensor, at::Tensor> flatten3(const at::Tensor& A, const at::Tensor& G,
+                                                  const LinearShape& s, at::ScalarType dt) {
+  return {A.to(dt).reshape({s.B, s.T, s.d_in}).contiguous(),
+          G.to(dt).reshape({s.B, s.T, s.d_out}).contiguous()};
 }
 
 }  // namespace gradstats

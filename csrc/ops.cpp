@@ -13,7 +13,21 @@ TORCH_LIBRARY(gradstats, m) {
   // Returns (dW, db, weight_norms, bias_norms).
   m.def(
       "linear_fused(Tensor A, Tensor G, str strategy=\"auto\") -> (Tensor, Tensor, Tensor, Tensor)");
-  // One pass over a gradient viewed as g [R, C]: float64 [1 + K] holding sum g^2 and the K
-  // projections x_j^T g y_j, for x [R, K] and y [C, K] float64 (the monitor's contract probe).
+  // The monitor's form of linear_norms: writes instead of returning. E [S, N] float64 gets
+  // E[slot_w, rows[i]] += weight_norms[i] and E[slot_b, rows[i]] += bias_norms[i] (a slot < 0
+  // is skipped); with probe vectors xw [d_out, K], yw [d_in, K], vb [d_out, K] (float64),
+  // P [S, 2K] gets the contract probe <x_j y_j^T, dW>, <v_j, db> in columns [0, K) and the
+  // bounds on their rounding in [K, 2K).
+  m.def(
+      "linear_collect(Tensor A, Tensor G, Tensor(a!) E, Tensor(b!) P, Tensor rows, int slot_w, "
+      "int slot_b, Tensor? xw, Tensor? yw, Tensor? vb, str strategy=\"auto\") -> ()");
+  // linear_collect that also returns (dW, db), computed with the norms in one pass.
+  m.def(
+      "linear_fused_collect(Tensor A, Tensor G, Tensor(a!) E, Tensor(b!) P, Tensor rows, "
+      "int slot_w, int slot_b, Tensor? xw, Tensor? yw, Tensor? vb, str strategy=\"auto\") "
+      "-> (Tensor, Tensor)");
+  // One pass over a gradient viewed as g [R, C]: float64 [1 + 2K] holding sum g^2, the K
+  // projections x_j^T g y_j for x [R, K] and y [C, K] (float64), and the K rounding scales
+  // sum_rc (x_rj y_cj g_rc)^2 (the monitor's contract probe).
   m.def("grad_summary(Tensor g, Tensor x, Tensor y) -> Tensor");
 }

@@ -2,41 +2,42 @@
 
 Fused kernels give each example's squared gradient norm without forming per-example gradients;
 the monitor turns them into tr(Sigma), |G|^2 and B_simple = tr(Sigma)/|G|^2 during training.
+
+``import gradstats`` is cheap: torch and the compiled library load when a name below is first
+used (so ``gradstats --version`` does not import torch).
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from ._version import __version__
-from ._loader import load_library as _load_library
 
-_C = _load_library()
+_EXPORTS = {
+    "build_info": "._loader",
+    "linear_norms": ".ops", "linear_fused": ".ops", "linear_strategy": ".ops",
+    "GradStatsMonitor": ".monitor", "ContractError": ".contract",
+    "StepStats": ".stats", "LayerStats": ".stats",
+    "NoiseScaleEMA": ".estimators", "StepEstimate": ".estimators",
+    "step_estimate": ".estimators",
+    "Rule": ".rules", "Sink": ".rules", "register_rule": ".rules",
+    "CurvatureEstimator": ".curvature", "CurvatureResult": ".curvature", "hvp": ".curvature",
+}
+_SUBMODULES = {"ops", "reference", "scaling", "schedulers", "critical", "curvature",
+               "estimators", "monitor", "contract", "rules", "stats", "units", "provenance"}
 
-from ._ops import linear_fused, linear_norms, linear_strategy  # noqa: E402
-from .curvature import CurvatureEstimator, CurvatureResult, hvp  # noqa: E402
-from .estimators import NoiseScaleEMA, StepEstimate, step_estimate  # noqa: E402
-from .monitor import ContractError, GradStatsMonitor, LayerStats, StepStats  # noqa: E402
-from .rules import Rule, register_rule  # noqa: E402
+__all__ = ["__version__", *_EXPORTS]
 
 
-def build_info() -> dict:
-    """The gradstats version, the torch it was built against, and whether (and for which GPU
-    architectures) CUDA kernels were compiled."""
-    return dict(_C.build_info())
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'gradstats' has no attribute {name!r}")
 
 
-__all__ = [
-    "__version__",
-    "build_info",
-    "linear_norms",
-    "linear_fused",
-    "linear_strategy",
-    "GradStatsMonitor",
-    "StepStats",
-    "LayerStats",
-    "ContractError",
-    "NoiseScaleEMA",
-    "StepEstimate",
-    "step_estimate",
-    "Rule",
-    "register_rule",
-    "CurvatureEstimator",
-    "CurvatureResult",
-    "hvp",
-]
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_SUBMODULES])

@@ -121,18 +121,26 @@ def step_estimate(
     mean_grad_sq: float,
     n: int,
     dataset_size: int | None = None,
+    weights_sq: float | None = None,
 ) -> StepEstimate:
     """Unbiased ``tr(Sigma)``, ``|G|^2`` and ``B_simple`` for one step.
 
     Args:
         sum_sq_norms: ``sum_i |g_i|^2`` over the step's ``n`` per-example gradients.
         mean_grad_sq: ``|gbar|^2``, the squared norm of the *mean* of the same ``n``
-            gradients (same units as ``sum_sq_norms``).
+            gradients (same units as ``sum_sq_norms``), or of their weighted mean
+            ``sum_i w_i g_i`` (``sum_i w_i = 1``) when ``weights_sq`` is given.
         n: number of examples, ``n >= 1``.
         dataset_size: ``M``, the number of examples the batch was drawn from *without
             replacement*; applies the finite-population correction (see the module
             docstring for exactly what is then estimated). ``None`` (default) assumes
             i.i.d. examples. Requires ``n <= M``.
+        weights_sq: ``sum_i w_i^2`` for a weighted mean (micro-batches of unequal size under a
+            mean loss, ranks of unequal size, token-mean losses); ``None`` means ``1/n``.
+            Since ``E|sum_i w_i g_i|^2 = |G|^2 + tr(Sigma) sum_i w_i^2`` and
+            ``E[sum_i |g_i|^2 / n] = |G|^2 + tr(Sigma)``, the estimates are
+            ``tr = (sum_sq/n - mean_grad_sq) / (1 - sum w^2)`` and
+            ``|G|^2 = mean_grad_sq - tr (sum w^2 - 1/M)``: the usual ones for equal weights.
 
     Raises:
         ValueError: naming the argument, when ``n < 1``, ``dataset_size < n``, a sum is not
@@ -149,11 +157,15 @@ def step_estimate(
         raise ValueError(f"mean_grad_sq must be >= 0 (a squared norm), got {mgs!r}")
     if sum_sq < 0.0:
         raise ValueError(f"sum_sq_norms must be >= 0 (a sum of squared norms), got {sum_sq!r}")
-    if n * mgs * (1.0 - CAUCHY_SCHWARZ_RTOL) > sum_sq:
+    w2 = 1.0 / n if weights_sq is None else _as_finite(weights_sq, "weights_sq")
+    if not (1.0 / n) * (1 - 1e-12) <= w2 <= 1.0 + 1e-12:
+        raise ValueError(f"weights_sq must lie in [1/n, 1] for weights summing to 1, got {w2!r}")
+    if mgs * (1.0 - CAUCHY_SCHWARZ_RTOL) > sum_sq * w2:
         raise ValueError(
-            f"sum_sq_norms ({sum_sq!r}) < n * mean_grad_sq ({n} * {mgs!r}) beyond rounding: "
-            "by Cauchy-Schwarz sum_i |g_i|^2 >= n |mean_i g_i|^2, so the two are in different "
-            "units (mean_grad_sq must be |mean of the n gradients|^2, not |their sum|^2)"
+            f"sum_sq_norms ({sum_sq!r}) * sum w^2 ({w2!r}) < mean_grad_sq ({mgs!r}) beyond "
+            "rounding: by Cauchy-Schwarz |sum_i w_i g_i|^2 <= sum_i w_i^2 sum_i |g_i|^2, so the "
+            "two are in different units (mean_grad_sq must be |mean of the n gradients|^2, not "
+            "|their sum|^2)"
         )
     if dataset_size is not None:
         m = _as_count(dataset_size, "dataset_size")
@@ -163,14 +175,18 @@ def step_estimate(
                 f"dataset_size examples), got dataset_size={m}, n={n}"
             )
 
-    if n == 1:
+    if n == 1 or w2 >= 1.0:
         nan = math.nan
-        return StepEstimate(n=1, tr_sigma=nan, g2=nan, b_simple=nan, defined=False,
-                            reason=_REASON_N1)
+        return StepEstimate(n=n, tr_sigma=nan, g2=nan, b_simple=nan, defined=False,
+                            reason=_REASON_N1 if n == 1 else "one example carries all the weight")
 
-    tr = (sum_sq - n * mgs) / (n - 1)
-    # 1/n - 1/M, formed from integers so that n == M gives exactly 0.
-    shrink = 1.0 / n if dataset_size is None else (m - n) / (n * m)
+    if weights_sq is None:
+        tr = (sum_sq - n * mgs) / (n - 1)
+        # 1/n - 1/M, formed from integers so that n == M gives exactly 0.
+        shrink = 1.0 / n if dataset_size is None else (m - n) / (n * m)
+    else:
+        tr = (sum_sq / n - mgs) / (1.0 - w2)
+        shrink = w2 - (0.0 if dataset_size is None else 1.0 / m)
     g2 = mgs - tr * shrink
     if g2 > 0.0:
         return StepEstimate(n=n, tr_sigma=tr, g2=g2, b_simple=tr / g2, defined=True,

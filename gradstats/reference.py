@@ -6,9 +6,9 @@ import torch
 
 
 def _flat(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    B = A.shape[0]
-    return (A.detach().to(torch.float64).reshape(B, -1, A.shape[-1]),
-            G.detach().to(torch.float64).reshape(B, -1, G.shape[-1]))
+    B, T = A.shape[0], A.shape[1:-1].numel()
+    return (A.detach().to(torch.float64).reshape(B, T, A.shape[-1]),
+            G.detach().to(torch.float64).reshape(B, T, G.shape[-1]))
 
 
 def linear_per_example_grads(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gradstats import _ops
+from gradstats import ops as _ops
 from conftest import devices
 
 
@@ -15,10 +15,12 @@ def test_grad_summary_matches_float64(device, dtype, R, C, K):
     y = torch.randn(C, K, dtype=torch.float64, device=device)
     got = _ops.grad_summary(g, x, y)
     gd = g.double()
-    want = torch.cat([gd.square().sum().reshape(1), ((gd @ y) * x).sum(0)])
+    rms = ((gd.square() @ y.square()) * x.square()).sum(0)
+    want = torch.cat([gd.square().sum().reshape(1), ((gd @ y) * x).sum(0), rms])
     # float32 accumulation within rows for float32/bfloat16 gradients (float64 across rows):
     # the error scales with the sums of absolute terms
-    scale = torch.cat([gd.square().sum().reshape(1), ((gd.abs() @ y.abs()) * x.abs()).sum(0)])
+    scale = torch.cat([gd.square().sum().reshape(1), ((gd.abs() @ y.abs()) * x.abs()).sum(0),
+                       rms])
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     assert ((got - want).abs() <= rtol * scale).all(), ((got - want).abs() / scale).max()
 
@@ -26,7 +28,8 @@ def test_grad_summary_matches_float64(device, dtype, R, C, K):
 def test_grad_summary_of_a_transposed_view():
     g = torch.randn(9, 6, dtype=torch.float64).t()
     x, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
-    want = torch.cat([g.square().sum().reshape(1), ((g @ y) * x).sum(0)])
+    want = torch.cat([g.square().sum().reshape(1), ((g @ y) * x).sum(0),
+                      ((g.square() @ y.square()) * x.square()).sum(0)])
     torch.testing.assert_close(_ops.grad_summary(g, x, y), want, rtol=1e-12, atol=1e-12)
 
 

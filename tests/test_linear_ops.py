@@ -159,7 +159,6 @@ def test_auto_strategy_follows_cost_model():
         ((4, 3, 5), (4, 2, 2), {}, "agree in every dim"),
         ((4,), (4,), {}, "A must have at least 2 dims"),
         ((4, 5), (4, 3, 2), {}, "same number of dims"),
-        ((0, 5), (0, 2), {}, "empty batch"),
         ((4, 3, 5), (4, 3, 2), {"strategy": "outer"}, "'outer' needs"),
         ((4, 3, 5), (4, 3, 2), {"strategy": "fastest"}, "strategy must be one of"),
     ],
@@ -168,6 +167,93 @@ def test_auto_strategy_follows_cost_model():
 def test_bad_input_names_the_argument(op, A_shape, G_shape, kwargs, match):
     with pytest.raises(RuntimeError, match=match):
         op(torch.randn(A_shape), torch.randn(G_shape), **kwargs)
+
+
+@pytest.mark.parametrize("op", [gradstats.linear_norms, gradstats.linear_fused])
+def test_inputs_that_require_grad_are_refused_by_name(op):
+    with pytest.raises(RuntimeError, match=r"must not require grad \(pass A.detach\(\)"):
+        op(torch.randn(3, 4, requires_grad=True), torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_empty_batch_contributes_nothing(device, strategy):
+    A, G = torch.randn(0, 1 if strategy == "outer" else 3, 5), torch.randn(0, 1 if strategy == "outer" else 3, 2)
+    A, G = A.to(device), G.to(device)
+    w, b = gradstats.linear_norms(A, G, strategy)
+    dW, db, w2, b2 = gradstats.linear_fused(A, G, strategy)
+    assert w.shape == b.shape == w2.shape == b2.shape == (0,)
+    assert dW.shape == (2, 5) and not dW.any() and db.shape == (2,) and not db.any()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("strategy", ["auto", "gram", "direct"])
+def test_positions_with_a_common_component_keep_float32_accuracy(device, strategy):
+    """a_t = c + delta_t with a large common c and sum_t g_t ~ 0: uncentred Gram sums cancel
+    catastrophically in float32; every route stays within 10x the direct route's error."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    errs = {}
+    for st in ("direct", strategy):
+        worst = 0.0
+        for trial in range(4):
+            B, T, d_in, d_out = 3, 48, 24, 16
+            c = 100.0 * torch.randn(d_in, generator=gen, dtype=torch.float64)
+            A = c + 0.01 * torch.randn(B, T, d_in, generator=gen, dtype=torch.float64)
+            G = torch.randn(B, T, d_out, generator=gen, dtype=torch.float64)
+            G = G - G.mean(1, keepdim=True) + 1e-3 * torch.randn(B, 1, d_out, generator=gen,
+                                                                   dtype=torch.float64)
+            ref, _ = reference.linear_norms(A, G)
+            w, _ = gradstats.linear_norms(A.float().to(device), G.float().to(device), st)
+            assert (w >= 0).all()
+            worst = max(worst, ((w.double().cpu() - ref).abs() / ref).max().item())
+        errs[st] = worst
+    assert errs[strategy] <= 10 * max(errs["direct"], 1e-7), errs
+
+
+def _accumulators(S, N, K=2, device="cpu"):
+    f64 = dict(dtype=torch.float64, device=device)
+    return torch.zeros(S, N, **f64), torch.zeros(S, 2 * K, **f64)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: c.name)
+def test_collect_ops_write_norms_and_probe_into_the_accumulators(case, device):
+    A, G = _inputs(case, device=device)
+    E, P = _accumulators(3, case.B + 4, device=device)
+    rows = torch.arange(2, 2 + case.B, device=device)
+    gen = torch.Generator().manual_seed(1)
+    xw, yw, vb = (torch.randn(n, 2, generator=gen, dtype=torch.float64).to(device)
+                  for n in (case.d_out, case.d_in, case.d_out))
+    ref_w, ref_b = reference.linear_norms(A, G)
+    dw_i, db_i = reference.linear_per_example_grads(A, G)
+    dW, db = dw_i.sum(0), db_i.sum(0)
+    for strategy in _strategies(case):
+        for fused in (False, True):
+            E.zero_(), P.zero_()
+            op = gradstats.ops.linear_fused_collect if fused else gradstats.ops.linear_collect
+            out = op(A, G, E, P, rows, 0, 2, xw, yw, vb, strategy)
+            _close(E[0, 2:2 + case.B], ref_w, 1e-10)
+            _close(E[2, 2:2 + case.B], ref_b, 1e-10)
+            assert not E[1].any() and not E[:, :2].any() and not E[:, 2 + case.B:].any()
+            want_w = torch.stack([xw[:, j].cpu() @ dW @ yw[:, j].cpu() for j in range(2)])
+            _close(P[0, :2], want_w, 1e-10)
+            _close(P[2, :2], vb.cpu().t() @ db, 1e-10)
+            # bounds: |x_j||y_j| sum_t |g_t||a_t| >= |the projection|
+            assert (P[0, 2:].cpu() >= want_w.abs() * (1 - 1e-12)).all()
+            if fused:
+                _close(out[0], dW, 1e-10)
+                _close(out[1], db, 1e-10)
+
+
+def test_collect_ops_opcheck():
+    A, G = torch.randn(3, 4, 5), torch.randn(3, 4, 2)
+    E, P = _accumulators(2, 6)
+    rows = torch.tensor([1, 2, 3])
+    x, y, v = (torch.randn(n, 2, dtype=torch.float64) for n in (2, 5, 2))
+    for op in (torch.ops.gradstats.linear_collect.default,
+               torch.ops.gradstats.linear_fused_collect.default):
+        torch.library.opcheck(op, (A, G, E, P, rows, 0, 1, x, y, v, "auto"))
+        torch.library.opcheck(op, (A, G, E, P, rows, 1, -1, None, None, None, "gram"))
 
 
 @pytest.mark.parametrize("op", [gradstats.linear_norms, gradstats.linear_fused])

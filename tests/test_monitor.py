@@ -313,12 +313,25 @@ def test_shared_parameters_get_their_cross_terms(mode, make, x_shape):
     _check(train_step(model, mon, X, Y, k=1), ref, 1e-8)
 
 
-def test_unequal_micro_batches_under_mean_loss_are_refused():
-    model, mon, X, Y = _fresh()
+@pytest.mark.parametrize("mode", MODES)
+def test_unequal_micro_batches_under_mean_loss_use_the_weighted_estimator(mode):
+    """Micro-batches of 3 and 7 under a mean loss weight their examples 1/3 and 1/7: the step's
+    statistics are the weighted-mean estimates from explicit per-example gradients."""
+    model = PROBLEMS[0].make_model().double()
+    mon = GradStatsMonitor(model, mode=mode, accumulation="sum")
+    X, Y = data(PROBLEMS[0], 10, seed=31)
+    grads = per_example_grads(model, X, Y)
     for xb, yb in [(X[:3], Y[:3]), (X[3:], Y[3:])]:
         example_losses(model(xb), yb).mean().backward()
-    with pytest.raises(ContractError, match="unequal size"):
-        mon.step()
+    stats = mon.step()
+    c = torch.tensor([1 / 3] * 3 + [1 / 7] * 7, dtype=torch.float64)
+    w = c / c.sum()
+    S, gw = grads.square().sum(), (w[:, None] * grads).sum(0).square().sum()
+    tr = (S / 10 - gw) / (1 - w.square().sum())
+    g2 = gw - tr * w.square().sum()
+    torch.testing.assert_close(stats.per_example_sq_norms, grads.square().sum(1), rtol=1e-10,
+                               atol=0)
+    assert _rel(stats.tr_sigma, tr.item()) < 1e-9 and _rel(stats.g2, g2.item()) < 1e-9
 
 
 def test_training_batchnorm_is_refused():
@@ -406,7 +419,7 @@ def test_activations_are_released_and_nothing_grows():
     grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
     tracemalloc.stop()
     assert grown < 256 * 1024
-    assert not mon._norms and not mon._probes and not mon._factors
+    assert not mon.hooks.calls and not mon.hooks.factors and not mon.hooks.stash
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -453,7 +453,7 @@ def test_conv_strategies_match_torch_func(make, x_shape, want):
     kernel (direct) and the unfolded Gram route."""
     import math
 
-    from gradstats import _ops
+    from gradstats import ops as _ops
 
     conv = make().double()
     with torch.no_grad():

@@ -1,12 +1,15 @@
-// CPU kernels for Linear per-example gradient norms (outer / Gram / direct) and the fused
-// weight gradient. Examples are split over threads with at::parallel_for; each thread reuses
-// its own workspaces, so no B x d_out x d_in tensor is ever formed.
+// CPU kernels for Linear per-example gradient norms (outer / centred Gram / direct), the fused
+// weight gradient, and the collect ops that write both into the monitor's accumulators.
+// BLAS runs on whole chunks of examples (batched, multi-threaded by ATen), never inside
+// at::parallel_for, where nested BLAS threading oversubscribes the cores (3 s -> 44 ms when
+// fixed). Each thread reuses its own workspaces, so no B x d_out x d_in tensor is ever formed.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -14,10 +17,13 @@
 #include <tuple>
 #include <vector>
 
+#include "../accumulate.h"
 #include "../linear_common.h"
 
 namespace gradstats {
 namespace {
+
+constexpr int64_t kScratchBytes = int64_t(16) << 20;
 
 // A per-thread scratch buffer that only grows, so repeated calls allocate nothing.
 at::Tensor scratch(int slot, at::IntArrayRef shape, at::ScalarType dtype) {
@@ -48,14 +54,25 @@ double dot(const scalar_t* x, const scalar_t* y, int64_t n) {
 
 struct Prepared {
   LinearShape s;
-  at::Tensor A, G;  // [B, T, d] contiguous in the compute dtype
+  at::Tensor A, G;  // [B, T, d] contiguous, float32 or float64
 };
 
 Prepared prepare(const at::Tensor& A, const at::Tensor& G, const char* op) {
   LinearShape s = check_linear_inputs(A, G, op);
-  const auto dt = norm_dtype(A, G);
-  return {s, A.to(dt).reshape({s.B, s.T, s.d_in}).contiguous(),
-          G.to(dt).reshape({s.B, s.T, s.d_out}).contiguous()};
+  auto [a, g] = flatten3(A, G, s, norm_dtype(A, G));
+  return {s, a, g};
+}
+
+// out[i] = sum_k x[i, k] y[i, k] over rows of two contiguous [n, m] buffers, rows in parallel.
+void row_dots(const at::Tensor& x, const at::Tensor& y, int64_t n, int64_t m, at::Tensor out) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gradstats_row_dots", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) o[i] = scalar_t(dot(xp + i * m, yp + i * m, m));
+    });
+  });
 }
 
 // out[i] = |a_i|^2 |g_i|^2 for T == 1.
@@ -75,37 +92,31 @@ at::Tensor outer_norms(const Prepared& p) {
   return out;
 }
 
-// Examples per chunk so that a chunk's scratch (elems_per_example each) stays near 16 MB: BLAS
-// runs on whole chunks (batched and multi-threaded by ATen), never inside at::parallel_for,
-// where nested BLAS threading oversubscribes the cores.
-int64_t chunk_for(int64_t B, int64_t elems_per_example, int64_t elem_size) {
-  const int64_t budget = int64_t(16) << 20;
-  return std::max<int64_t>(1, std::min<int64_t>(B, budget / std::max<int64_t>(1, elems_per_example * elem_size)));
-}
-
-// out[i] = sum_{t,s} (a_t . a_s)(g_t . g_s)
+// |sum_t g_t a_t^T|^2 through the Gram matrices of A and G centred over positions, plus the
+// corrections (accumulate.h). Without centring, positions that share a large common component
+// make sum_{t,s} (a_t.a_s)(g_t.g_s) cancel catastrophically in float32.
 at::Tensor gram_norms(const Prepared& p) {
-  auto out = at::empty({p.s.B}, p.A.options());
-  const int64_t T = p.s.T, B = p.s.B;
-  const int64_t chunk = chunk_for(B, 2 * T * T, p.A.element_size());
-  at::Tensor ka = scratch(0, {chunk, T, T}, p.A.scalar_type());
-  at::Tensor kg = scratch(1, {chunk, T, T}, p.A.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_gram", [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
-      const int64_t n = std::min(chunk, B - b0);
-      at::Tensor a = p.A.narrow(0, b0, n), g = p.G.narrow(0, b0, n);
-      at::Tensor kan = ka.narrow(0, 0, n), kgn = kg.narrow(0, 0, n);
-      at::bmm_out(kan, a, a.transpose(1, 2));
-      at::bmm_out(kgn, g, g.transpose(1, 2));
-      const scalar_t* x = kan.const_data_ptr<scalar_t>();
-      const scalar_t* y = kgn.const_data_ptr<scalar_t>();
-      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i)
-          o[b0 + i] = scalar_t(dot(x + i * T * T, y + i * T * T, T * T));
-      });
-    }
-  });
+  const int64_t T = p.s.T, B = p.s.B, di = p.s.d_in, dout = p.s.d_out;
+  auto out = at::empty({B}, p.A.options());
+  const auto dt = p.A.scalar_type();
+  const int64_t chunk = chunk_for(B, 2 * T * T + T * (di + dout), p.A.element_size(),
+                                  kScratchBytes);
+  at::Tensor ka = scratch(0, {chunk, T, T}, dt), kg = scratch(1, {chunk, T, T}, dt);
+  at::Tensor ac = scratch(3, {chunk, T, di}, dt), gc = scratch(4, {chunk, T, dout}, dt);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t n = std::min(chunk, B - b0);
+    at::Tensor a = p.A.narrow(0, b0, n), g = p.G.narrow(0, b0, n);
+    at::Tensor c = a.mean(1), d = g.mean(1), s = g.sum(1);
+    at::Tensor acn = ac.narrow(0, 0, n), gcn = gc.narrow(0, 0, n);
+    at::sub_out(acn, a, c.unsqueeze(1));
+    at::sub_out(gcn, g, d.unsqueeze(1));
+    at::Tensor kan = ka.narrow(0, 0, n), kgn = kg.narrow(0, 0, n);
+    at::bmm_out(kan, acn, acn.transpose(1, 2));
+    at::bmm_out(kgn, gcn, gcn.transpose(1, 2));
+    at::Tensor part = out.narrow(0, b0, n);
+    row_dots(kan, kgn, n, T * T, part);
+    part.add_(gram_correction(acn, gcn, c, d, s).to(dt)).clamp_min_(0);
+  }
   return out;
 }
 
@@ -113,7 +124,7 @@ at::Tensor gram_norms(const Prepared& p) {
 template <typename F>
 void for_each_tile_chunk(const Prepared& p, F&& visit) {
   const int64_t di = p.s.d_in, dout = p.s.d_out, B = p.s.B;
-  const int64_t chunk = chunk_for(B, dout * di, p.A.element_size());
+  const int64_t chunk = chunk_for(B, dout * di, p.A.element_size(), kScratchBytes);
   at::Tensor m = scratch(2, {chunk, dout, di}, p.A.scalar_type());
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t n = std::min(chunk, B - b0);
@@ -127,14 +138,8 @@ void for_each_tile_chunk(const Prepared& p, F&& visit) {
 at::Tensor direct_norms(const Prepared& p) {
   auto out = at::empty({p.s.B}, p.A.options());
   const int64_t tile = p.s.d_out * p.s.d_in;
-  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_direct", [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    for_each_tile_chunk(p, [&](int64_t b0, int64_t n, const at::Tensor& m) {
-      const scalar_t* mp = m.const_data_ptr<scalar_t>();
-      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) o[b0 + i] = scalar_t(dot(mp + i * tile, mp + i * tile, tile));
-      });
-    });
+  for_each_tile_chunk(p, [&](int64_t b0, int64_t n, const at::Tensor& m) {
+    row_dots(m, m, n, tile, out.narrow(0, b0, n));
   });
   return out;
 }
@@ -151,22 +156,8 @@ at::Tensor weight_norms(const Prepared& p, Strategy st) {
 std::tuple<at::Tensor, at::Tensor> bias_grads(const Prepared& p) {
   at::Tensor gb = p.s.T == 1 ? p.G.select(1, 0) : p.G.sum(1);
   at::Tensor nb = at::empty({p.s.B}, p.G.options());
-  const int64_t dout = p.s.d_out;
-  AT_DISPATCH_FLOATING_TYPES(p.G.scalar_type(), "gradstats_bias", [&] {
-    const scalar_t* g = gb.const_data_ptr<scalar_t>();
-    scalar_t* o = nb.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, p.s.B, 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) o[i] = scalar_t(dot(g + i * dout, g + i * dout, dout));
-    });
-  });
+  row_dots(gb.contiguous(), gb.contiguous(), p.s.B, p.s.d_out, nb);
   return {gb, nb};
-}
-
-std::tuple<at::Tensor, at::Tensor> linear_norms_cpu(const at::Tensor& A, const at::Tensor& G,
-                                                    c10::string_view strategy) {
-  Prepared p = prepare(A, G, "linear_norms");
-  Strategy st = resolve_strategy(strategy, p.s, /*cuda=*/false, "linear_norms");
-  return {weight_norms(p, st), std::get<1>(bias_grads(p))};
 }
 
 // dW and the norms from the same per-example tiles: each chunk's tiles are squared (per
@@ -177,13 +168,10 @@ std::tuple<at::Tensor, at::Tensor> fused_direct(const Prepared& p) {
   at::Tensor dW = at::zeros({p.s.d_out, p.s.d_in}, p.A.options());
   at::Tensor norms = at::empty({p.s.B}, p.A.options());
   AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_fused", [&] {
-    scalar_t* o = norms.mutable_data_ptr<scalar_t>();
     scalar_t* w = dW.mutable_data_ptr<scalar_t>();
     for_each_tile_chunk(p, [&](int64_t b0, int64_t n, const at::Tensor& m) {
+      row_dots(m, m, n, tile, norms.narrow(0, b0, n));
       const scalar_t* mp = m.const_data_ptr<scalar_t>();
-      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) o[b0 + i] = scalar_t(dot(mp + i * tile, mp + i * tile, tile));
-      });
       at::parallel_for(0, tile, 4096, [&](int64_t b, int64_t e) {
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* mi = mp + i * tile;
@@ -195,21 +183,71 @@ std::tuple<at::Tensor, at::Tensor> fused_direct(const Prepared& p) {
   return {dW, norms};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fused_cpu(
-    const at::Tensor& A, const at::Tensor& G, c10::string_view strategy) {
-  Prepared p = prepare(A, G, "linear_fused");
-  Strategy st = resolve_strategy(strategy, p.s, /*cuda=*/false, "linear_fused");
+struct FusedResult {
+  at::Tensor dW, db, nw, nb;
+};
+
+FusedResult fused(const Prepared& p, Strategy st) {
   at::Tensor dW, nw;
-  if (st == Strategy::Direct) {
+  if (p.s.B == 0) {
+    dW = at::zeros({p.s.d_out, p.s.d_in}, p.A.options());
+    nw = at::empty({0}, p.A.options());
+  } else if (st == Strategy::Direct) {
     std::tie(dW, nw) = fused_direct(p);
   } else {
-    // Gram and outer norms are cheaper than the weight gradient itself: one GEMM for dW.
+    // Gram and outer norms cost less than the weight gradient itself: one GEMM for dW.
     nw = weight_norms(p, st);
     dW = at::mm(p.G.view({p.s.B * p.s.T, p.s.d_out}).t(), p.A.view({p.s.B * p.s.T, p.s.d_in}));
   }
   auto [gb, nb] = bias_grads(p);
+  return {dW, gb.sum(0), nw, nb};
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_norms_cpu(const at::Tensor& A, const at::Tensor& G,
+                                                    c10::string_view strategy) {
+  Prepared p = prepare(A, G, "linear_norms");
+  Strategy st = resolve_strategy(strategy, p.s, "linear_norms");
+  at::Tensor nw = p.s.B == 0 ? at::empty({0}, p.A.options()) : weight_norms(p, st);
+  return {nw, std::get<1>(bias_grads(p))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fused_cpu(
+    const at::Tensor& A, const at::Tensor& G, c10::string_view strategy) {
+  Prepared p = prepare(A, G, "linear_fused");
+  FusedResult r = fused(p, resolve_strategy(strategy, p.s, "linear_fused"));
   const auto grad_dtype = c10::promoteTypes(A.scalar_type(), G.scalar_type());
-  return {dW.to(grad_dtype), gb.sum(0).to(grad_dtype), nw, nb};
+  return {r.dW.to(grad_dtype), r.db.to(grad_dtype), r.nw, r.nb};
+}
+
+void linear_collect_cpu(const at::Tensor& A, const at::Tensor& G, const at::Tensor& E,
+                        const at::Tensor& P, const at::Tensor& rows, int64_t slot_w,
+                        int64_t slot_b, const c10::optional<at::Tensor>& xw,
+                        const c10::optional<at::Tensor>& yw, const c10::optional<at::Tensor>& vb,
+                        c10::string_view strategy) {
+  Prepared p = prepare(A, G, "linear_collect");
+  check_accumulators(E, P, rows, p.s.B, slot_w, slot_b, A.device(), "linear_collect");
+  if (p.s.B == 0) return;
+  if (slot_w >= 0) add_norms(E, rows, slot_w, weight_norms(p, resolve_strategy(strategy, p.s, "linear_collect")));
+  if (slot_b >= 0) add_norms(E, rows, slot_b, std::get<1>(bias_grads(p)));
+  linear_probe(p.A.view({-1, p.s.d_in}), p.G.view({-1, p.s.d_out}), P, slot_w, slot_b, xw, yw, vb);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_fused_collect_cpu(
+    const at::Tensor& A, const at::Tensor& G, const at::Tensor& E, const at::Tensor& P,
+    const at::Tensor& rows, int64_t slot_w, int64_t slot_b, const c10::optional<at::Tensor>& xw,
+    const c10::optional<at::Tensor>& yw, const c10::optional<at::Tensor>& vb,
+    c10::string_view strategy) {
+  Prepared p = prepare(A, G, "linear_fused_collect");
+  check_accumulators(E, P, rows, p.s.B, slot_w, slot_b, A.device(), "linear_fused_collect");
+  FusedResult r = fused(p, resolve_strategy(strategy, p.s, "linear_fused_collect"));
+  if (p.s.B > 0) {
+    add_norms(E, rows, slot_w, r.nw);
+    add_norms(E, rows, slot_b, r.nb);
+    linear_probe(p.A.view({-1, p.s.d_in}), p.G.view({-1, p.s.d_out}), P, slot_w, slot_b, xw, yw,
+                 vb);
+  }
+  const auto grad_dtype = c10::promoteTypes(A.scalar_type(), G.scalar_type());
+  return {r.dW.to(grad_dtype), r.db.to(grad_dtype)};
 }
 
 }  // namespace
@@ -217,6 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fused_cpu(
 TORCH_LIBRARY_IMPL(gradstats, CPU, m) {
   m.impl("linear_norms", &linear_norms_cpu);
   m.impl("linear_fused", &linear_fused_cpu);
+  m.impl("linear_collect", &linear_collect_cpu);
+  m.impl("linear_fused_collect", &linear_fused_collect_cpu);
 }
 
 }  // namespace gradstats

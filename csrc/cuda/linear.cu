@@ -1,11 +1,15 @@
-// CUDA kernels for Linear per-example gradient norms. Written to be right before it is fast:
-// GEMMs go through ATen (cuBLAS), examples are processed in chunks that bound the scratch
-// memory, and the only custom kernels are two row reductions.
+// CUDA kernels for Linear per-example gradient norms and the collect ops. Written to be right
+// before it is fast: GEMMs go through ATen (cuBLAS), examples are processed in chunks that bound
+// the scratch memory, and the only custom kernel is a row reduction. Half-precision inputs are
+// never copied to float32: GEMMs take bf16/fp16 operands and accumulate and write float32
+// (at::bmm with an out dtype), and the row reduction reads the inputs as they are.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,6 +18,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "../accumulate.h"
 #include "../linear_common.h"
 
 namespace gradstats {
@@ -37,109 +42,180 @@ __device__ acc_t block_sum(acc_t v) {
   return v;
 }
 
-// out[r] = sum_k x[r, k] * y[r, k]; one block per row. Row-major, contiguous rows of length n.
-// Accumulates in double: Gram rows can hold terms that largely cancel.
-template <typename scalar_t>
+// out[r] = sum_k x[r, k] * y[r, k]; one block per row of contiguous rows of length n. Reads any
+// float dtype, accumulates in double (Gram rows can hold terms that largely cancel), writes
+// float32 or float64.
+template <typename scalar_t, typename out_t>
 __global__ void row_dot_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
-                               int64_t n, scalar_t* __restrict__ out) {
+                               int64_t n, out_t* __restrict__ out) {
   const int64_t r = blockIdx.x;
   const scalar_t* xr = x + r * n;
   const scalar_t* yr = y + r * n;
   double acc = 0;
-  for (int64_t k = threadIdx.x; k < n; k += kThreads) acc += double(xr[k]) * double(yr[k]);
+  for (int64_t k = threadIdx.x; k < n; k += kThreads)
+    acc += double(static_cast<float>(xr[k])) * double(static_cast<float>(yr[k]));
   acc = block_sum(acc);
-  if (threadIdx.x == 0) out[r] = scalar_t(acc);
+  if (threadIdx.x == 0) out[r] = out_t(acc);
 }
 
-// Writes sum_k x[r,k] y[r,k] for each row r of 2-D contiguous x, y into out[0..rows).
-void row_dot(const at::Tensor& x, const at::Tensor& y, at::Tensor out) {
+// out[r] = x[r] . y[r] for the rows of 2-D contiguous x, y (same dtype); out float32/float64.
+void row_dot(const at::Tensor& x, const at::Tensor& y, const at::Tensor& out) {
   const int64_t rows = x.size(0), n = x.size(1);
   if (rows == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gradstats_row_dot", [&] {
-    row_dot_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), n,
-        out.mutable_data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gradstats_row_dot", [&] {
+    if (out.scalar_type() == at::kDouble) {
+      row_dot_kernel<scalar_t, double><<<rows, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), n,
+          out.mutable_data_ptr<double>());
+    } else {
+      row_dot_kernel<scalar_t, float><<<rows, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), n,
+          out.mutable_data_ptr<float>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
+bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// Batched GEMM whose output is float32 for half operands (fp32 accumulation, tensor cores).
+at::Tensor bmm_acc(const at::Tensor& a, const at::Tensor& b) {
+  return is_half(a.scalar_type()) ? at::bmm(a, b, at::kFloat) : at::bmm(a, b);
+}
+
 struct Prepared {
   LinearShape s;
-  at::Tensor A, G;  // [B, T, d] contiguous, float32 or float64
+  at::Tensor A, G;      // [B, T, d] contiguous, in the input dtype (a common one if they differ)
+  at::ScalarType out;   // float32 or float64
 };
 
 Prepared prepare(const at::Tensor& A, const at::Tensor& G, const char* op) {
   LinearShape s = check_linear_inputs(A, G, op);
   TORCH_CHECK(A.is_cuda(), op, ": A must be a CUDA tensor here, got ", A.device());
-  const auto dt = norm_dtype(A, G);
-  return {s, A.to(dt).reshape({s.B, s.T, s.d_in}).contiguous(),
-          G.to(dt).reshape({s.B, s.T, s.d_out}).contiguous()};
-}
-
-int64_t chunk_size(int64_t B, int64_t per_example_elems, int64_t elem_bytes) {
-  const int64_t per = std::max<int64_t>(1, per_example_elems * elem_bytes);
-  return std::max<int64_t>(1, std::min<int64_t>(B, kScratchBytes / per));
+  // Mixed inputs (float32 A with bf16 G under autocast): compute in the wider of the two.
+  const auto dt = A.scalar_type() == G.scalar_type()
+                      ? A.scalar_type()
+                      : c10::promoteTypes(A.scalar_type(), G.scalar_type());
+  auto [a, g] = flatten3(A, G, s, dt);
+  return {s, a, g, norm_dtype(A, G)};
 }
 
 at::Tensor weight_norms(const Prepared& p, Strategy st) {
   const auto& s = p.s;
-  at::Tensor out = at::empty({s.B}, p.A.options());
+  const auto out_opts = p.A.options().dtype(p.out);
+  at::Tensor out = at::empty({s.B}, out_opts);
+  if (s.B == 0) return out;
   if (st == Strategy::Outer) {
     auto a = p.A.view({s.B, s.d_in});
     auto g = p.G.view({s.B, s.d_out});
-    at::Tensor na = at::empty({s.B}, p.A.options());
+    at::Tensor na = at::empty({s.B}, out_opts);
     row_dot(a, a, na);
     row_dot(g, g, out);
-    out.mul_(na);
-    return out;
+    return out.mul_(na);
   }
-  const int64_t per = st == Strategy::Gram ? s.T * s.T : s.d_out * s.d_in;
-  const int64_t chunk = chunk_size(s.B, st == Strategy::Gram ? 2 * per : per,
-                                   p.A.element_size());
+  const int64_t per = st == Strategy::Gram ? 2 * s.T * s.T + s.T * (s.d_in + s.d_out)
+                                           : s.d_out * s.d_in;
+  const int64_t chunk = chunk_for(s.B, per, 4, kScratchBytes);
+  const auto wt = p.out;  // working precision of the means and corrections
   for (int64_t b0 = 0; b0 < s.B; b0 += chunk) {
     const int64_t n = std::min(chunk, s.B - b0);
     at::Tensor a = p.A.narrow(0, b0, n), g = p.G.narrow(0, b0, n);
+    at::Tensor part = out.narrow(0, b0, n);
     if (st == Strategy::Gram) {
-      at::Tensor ka = at::bmm(a, a.transpose(1, 2)).view({n, per});
-      at::Tensor kg = at::bmm(g, g.transpose(1, 2)).view({n, per});
-      row_dot(ka, kg, out.narrow(0, b0, n));
+      // Centre over positions in the input dtype (a shift rounded to it is still exact algebra:
+      // gram_correction holds for any shift).
+      at::Tensor c = a.mean(1, false, wt).to(a.scalar_type()).to(wt);
+      at::Tensor d = g.mean(1, false, wt).to(g.scalar_type()).to(wt);
+      at::Tensor ac = at::sub(a, c.to(a.scalar_type()).unsqueeze(1));
+      at::Tensor gc = at::sub(g, d.to(g.scalar_type()).unsqueeze(1));
+      at::Tensor ka = bmm_acc(ac, ac.transpose(1, 2)).view({n, s.T * s.T});
+      at::Tensor kg = bmm_acc(gc, gc.transpose(1, 2)).view({n, s.T * s.T});
+      row_dot(ka, kg, part);
+      part.add_(gram_correction(ac, gc, c, d, g.sum(1, false, wt)).to(p.out)).clamp_min_(0);
     } else {
-      at::Tensor m = at::bmm(g.transpose(1, 2), a).view({n, per});
-      row_dot(m, m, out.narrow(0, b0, n));
+      at::Tensor m = bmm_acc(g.transpose(1, 2), a).view({n, s.d_out * s.d_in});
+      row_dot(m, m, part);
     }
   }
   return out;
 }
 
+// Per-example bias gradients sum_t g_t [B, d_out] (float32/64) and their squared norms [B].
 std::tuple<at::Tensor, at::Tensor> bias_grads(const Prepared& p) {
-  at::Tensor gb = p.G.sum(1).contiguous();
-  at::Tensor nb = at::empty({p.s.B}, p.G.options());
+  at::Tensor gb = p.G.sum(1, false, p.out).contiguous();
+  at::Tensor nb = at::empty({p.s.B}, gb.options());
   row_dot(gb, gb, nb);
   return {gb, nb};
+}
+
+at::Tensor weight_grad(const Prepared& p) {
+  at::Tensor g2 = p.G.view({p.s.B * p.s.T, p.s.d_out}).t(), a2 = p.A.view({p.s.B * p.s.T, p.s.d_in});
+  if (p.s.B == 0) return at::zeros({p.s.d_out, p.s.d_in}, p.A.options().dtype(p.out));
+  return is_half(p.A.scalar_type()) ? at::mm(g2, a2, at::kFloat) : at::mm(g2, a2);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_norms_cuda(const at::Tensor& A, const at::Tensor& G,
                                                      c10::string_view strategy) {
   c10::cuda::CUDAGuard guard(A.device());
   Prepared p = prepare(A, G, "linear_norms");
-  Strategy st = resolve_strategy(strategy, p.s, /*cuda=*/true, "linear_norms");
+  Strategy st = resolve_strategy(strategy, p.s, "linear_norms");
   return {weight_norms(p, st), std::get<1>(bias_grads(p))};
 }
 
 // Correct-by-construction version: the weight gradient is one cuBLAS GEMM and the norms come
-// from the chosen strategy. The single-pass fused kernel needs a GPU to verify and tune.
+// from the chosen strategy. The single-pass fused kernel is the Triton one (gradstats/kernels).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fused_cuda(
     const at::Tensor& A, const at::Tensor& G, c10::string_view strategy) {
   c10::cuda::CUDAGuard guard(A.device());
   Prepared p = prepare(A, G, "linear_fused");
-  Strategy st = resolve_strategy(strategy, p.s, /*cuda=*/true, "linear_fused");
-  const auto& s = p.s;
+  Strategy st = resolve_strategy(strategy, p.s, "linear_fused");
   at::Tensor nw = weight_norms(p, st);
-  at::Tensor dW = at::mm(p.G.view({s.B * s.T, s.d_out}).t(), p.A.view({s.B * s.T, s.d_in}));
   auto [gb, nb] = bias_grads(p);
   const auto grad_dtype = c10::promoteTypes(A.scalar_type(), G.scalar_type());
-  return {dW.to(grad_dtype), gb.sum(0).to(grad_dtype), nw, nb};
+  return {weight_grad(p).to(grad_dtype), gb.sum(0).to(grad_dtype), nw, nb};
+}
+
+void collect(const Prepared& p, const at::Tensor& E, const at::Tensor& P, const at::Tensor& rows,
+             int64_t slot_w, int64_t slot_b, const c10::optional<at::Tensor>& xw,
+             const c10::optional<at::Tensor>& yw, const c10::optional<at::Tensor>& vb,
+             c10::string_view strategy, const char* op) {
+  check_accumulators(E, P, rows, p.s.B, slot_w, slot_b, p.A.device(), op);
+  if (p.s.B == 0) return;
+  if (slot_w >= 0) add_norms(E, rows, slot_w, weight_norms(p, resolve_strategy(strategy, p.s, op)));
+  if (slot_b >= 0) add_norms(E, rows, slot_b, std::get<1>(bias_grads(p)));
+  if (xw.has_value() || vb.has_value()) {
+    // Probe steps only: the probe vectors must not be rounded to a half dtype.
+    at::Tensor a2 = p.A.view({-1, p.s.d_in}), g2 = p.G.view({-1, p.s.d_out});
+    if (is_half(a2.scalar_type())) {
+      a2 = a2.to(at::kFloat);
+      g2 = g2.to(at::kFloat);
+    }
+    linear_probe(a2, g2, P, slot_w, slot_b, xw, yw, vb);
+  }
+}
+
+void linear_collect_cuda(const at::Tensor& A, const at::Tensor& G, const at::Tensor& E,
+                         const at::Tensor& P, const at::Tensor& rows, int64_t slot_w,
+                         int64_t slot_b, const c10::optional<at::Tensor>& xw,
+                         const c10::optional<at::Tensor>& yw,
+                         const c10::optional<at::Tensor>& vb, c10::string_view strategy) {
+  c10::cuda::CUDAGuard guard(A.device());
+  collect(prepare(A, G, "linear_collect"), E, P, rows, slot_w, slot_b, xw, yw, vb, strategy,
+          "linear_collect");
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_fused_collect_cuda(
+    const at::Tensor& A, const at::Tensor& G, const at::Tensor& E, const at::Tensor& P,
+    const at::Tensor& rows, int64_t slot_w, int64_t slot_b, const c10::optional<at::Tensor>& xw,
+    const c10::optional<at::Tensor>& yw, const c10::optional<at::Tensor>& vb,
+    c10::string_view strategy) {
+  c10::cuda::CUDAGuard guard(A.device());
+  Prepared p = prepare(A, G, "linear_fused_collect");
+  collect(p, E, P, rows, slot_w, slot_b, xw, yw, vb, strategy, "linear_fused_collect");
+  const auto grad_dtype = c10::promoteTypes(A.scalar_type(), G.scalar_type());
+  at::Tensor db = p.G.sum({0, 1}, false, p.out);
+  return {weight_grad(p).to(grad_dtype), db.to(grad_dtype)};
 }
 
 }  // namespace
@@ -147,6 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fused_cuda(
 TORCH_LIBRARY_IMPL(gradstats, CUDA, m) {
   m.impl("linear_norms", &linear_norms_cuda);
   m.impl("linear_fused", &linear_fused_cuda);
+  m.impl("linear_collect", &linear_collect_cuda);
+  m.impl("linear_fused_collect", &linear_fused_collect_cuda);
 }
 
 }  // namespace gradstats

@@ -1,4 +1,11 @@
-"""The interface every per-layer rule implements."""
+"""What every layer rule implements, and the helpers rules share.
+
+A rule knows, for one kind of layer, how to get each example's squared gradient norm for each of
+the layer's parameters from what the layer saw in forward (its inputs) and in backward (the
+gradient of its output), and how to evaluate a cheap random projection of the summed gradient
+(the contract probe, :mod:`gradstats.contract`). Rules hand every result to the monitor one
+way: they write into a :class:`Sink`, a view of the monitor's preallocated accumulators.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,11 +18,74 @@ from torch import nn
 PROBES = 2
 
 
+def needs(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is a parameter that needs a gradient."""
+    p = getattr(module, name, None)
+    return isinstance(p, torch.Tensor) and p.requires_grad
+
+
+def directions(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``[n, PROBES]`` float64 Gaussian probe directions from ``gen``."""
+    return torch.randn(n, PROBES, generator=gen, dtype=torch.float64).to(device)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The precision rules compute in: the widest input dtype, at least float32."""
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+class Sink:
+    """Where one use of a layer writes its results: the accumulator columns (``rows``) of its
+    examples and the accumulator rows (slots) of its parameters.
+
+    ``E[slot, rows[i]] += |u_i|^2`` for example ``i`` (:meth:`add`); when :attr:`probing`,
+    ``P[slot] += (values, bounds)`` of the probe (:meth:`probe`). Slots of parameters that need
+    no gradient are -1 and skipped.
+    """
+
+    __slots__ = ("E", "P", "rows", "slots", "vectors", "probing", "strategy", "forward")
+
+    def __init__(self, E: torch.Tensor, P: torch.Tensor, rows: torch.Tensor,
+                 slots: dict[str, int], vectors: dict[str, tuple[torch.Tensor, ...]] | None,
+                 strategy: str = "auto", forward: Any = None):
+        self.E, self.P, self.rows, self.slots = E, P, rows, slots
+        self.vectors = vectors
+        self.probing = vectors is not None
+        self.strategy = strategy
+        self.forward = forward  # the monitor's record of the forward these examples came from
+
+    def slot(self, name: str) -> int:
+        return self.slots.get(name, -1)
+
+    def vec(self, name: str) -> tuple[torch.Tensor, ...] | None:
+        """The probe directions of ``name`` on a probe step, else None."""
+        if self.vectors is None or name not in self.slots:
+            return None
+        return self.vectors[name]
+
+    def add(self, name: str, norms: torch.Tensor) -> None:
+        """``E[slot(name), rows] += norms`` (``[B]``)."""
+        s = self.slots.get(name, -1)
+        if s >= 0 and self.rows.numel():
+            self.E[s].index_add_(0, self.rows, norms.detach().to(self.E.dtype))
+
+    def probe(self, name: str, value_bound: torch.Tensor) -> None:
+        """``P[slot(name)] += value_bound`` (``[2 PROBES]``: values, then rounding bounds)."""
+        s = self.slots.get(name, -1)
+        if s >= 0:
+            self.P[s].add_(value_bound.detach().to(self.P.dtype))
+
+
 class Rule:
     """How one layer kind yields per-example squared gradient norms.
 
-    The monitor calls :meth:`capture` in the layer's forward hook and, when the gradient of the
-    layer's output arrives, :meth:`norms` and :meth:`probe` with what was captured. All tensors
+    In the layer's forward the monitor calls :meth:`capture`; the tensors it returns are saved
+    through autograd (so activation checkpointing discards and recomputes them like the layer's
+    own). When the gradient of the layer's output arrives, :meth:`collect` gets them back with
+    that gradient and writes norms (and, on probe steps, the probe) into the sink. All tensors
     are in autograd's units (whatever scale the loss carried); the monitor converts.
     """
 
@@ -27,9 +97,6 @@ class Rule:
     replaces_forward: bool = False
     #: whether the rule also accounts for the parameters of the module's children
     claims_children: bool = False
-    #: whether an input without the batch dim (position ids shared by every example) may be
-    #: expanded to the batch, so each example's gradient arrives before broadcasting sums it
-    broadcast_inputs: bool = False
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raises ValueError, naming the module and option, for configurations not handled."""
@@ -38,28 +105,37 @@ class Rule:
         """The parameters this rule accounts for, by the names its norms use."""
         return dict(module.named_parameters(recurse=False))
 
-    def factors(self, module: nn.Module, saved: Any, grad_output: torch.Tensor
-                ) -> dict[str, Factor]:
+    def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Any
+                ) -> tuple[torch.Tensor, ...]:
+        """The tensors backward needs from forward; by default the first input, detached."""
+        return (inputs[0].detach(),)
+
+    def collect(self, module: nn.Module, saved: tuple[torch.Tensor, ...],
+                grad_output: torch.Tensor, sink: Sink) -> None:
+        """Writes each covered parameter's ``[B]`` per-example squared norms, and on probe steps
+        its probe, into ``sink``."""
+        raise NotImplementedError
+
+    def norms(self, module: nn.Module, saved: Any, grad_output: torch.Tensor,
+              batch: int | None = None) -> dict[str, torch.Tensor]:
+        """``{name: [B] float64}`` per-example squared norms through :meth:`collect` into a
+        scratch sink: a rule on its own, outside the monitor (for tests and tools)."""
+        saved = saved if isinstance(saved, tuple) else (saved,)
+        names = [k for k, p in self.params(module).items() if p.requires_grad]
+        B = grad_output.shape[0] if batch is None else batch
+        f64 = dict(dtype=torch.float64, device=grad_output.device)
+        E = torch.zeros(len(names), B, **f64)
+        P = torch.zeros(len(names), 2 * PROBES, **f64)
+        rows = torch.arange(B, device=grad_output.device)
+        self.collect(module, saved, grad_output, Sink(E, P, rows, {k: i for i, k in
+                                                                  enumerate(names)}, None))
+        return {k: E[i] for i, k in enumerate(names)}
+
+    def factors(self, module: nn.Module, saved: tuple[torch.Tensor, ...],
+                grad_output: torch.Tensor) -> dict[str, Factor]:
         """Factored per-example gradients (see :class:`Factor`), needed when a parameter is
         used more than once per forward; rules without them refuse shared parameters."""
         raise NotImplementedError
-
-    def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
-        """What backward needs from forward; by default the first input, detached."""
-        return inputs[0].detach()
-
-    def norms(self, module: nn.Module, saved: Any, grad_output: torch.Tensor
-              ) -> dict[str, torch.Tensor]:
-        """``{param_name: [B] per-example squared norms}`` for the parameters that need grads."""
-        raise NotImplementedError
-
-    def collect(self, module: nn.Module, saved: Any, grad_output: torch.Tensor,
-                vectors: dict[str, tuple[torch.Tensor, ...]] | None
-                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """:meth:`norms` and (when ``vectors`` is given) :meth:`probe` together."""
-        norms = self.norms(module, saved, grad_output)
-        probes = {} if vectors is None else self.probe(module, saved, grad_output, vectors)
-        return norms, probes
 
     def probe_vectors(self, name: str, param: torch.Tensor, gen: torch.Generator
                       ) -> tuple[torch.Tensor, ...]:
@@ -67,35 +143,30 @@ class Rule:
 
         The default, which every rule of a shared parameter must agree on: rank-1
         ``V_j = x_j y_j^T`` over ``[shape[0], prod(shape[1:])]`` for tensors of 2+ dims (cheap
-        against factored gradients), a plain vector for 1-D ones."""
-        def rand(n: int) -> torch.Tensor:
-            return torch.randn(n, PROBES, generator=gen, dtype=torch.float64).to(param.device)
-
+        against factored gradients), a plain vector for others."""
         if param.dim() >= 2:
-            return rand(param.shape[0]), rand(param[0].numel())
-        return (rand(param.numel()),)
+            return (directions(param.shape[0], gen, param.device),
+                    directions(param[0].numel(), gen, param.device))
+        return (directions(param.numel(), gen, param.device),)
 
     def probe_grad(self, name: str, grad: torch.Tensor, vectors: tuple[torch.Tensor, ...]
                    ) -> torch.Tensor:
         """``[PROBES]`` float64: ``<V_j, grad>`` evaluated on a full gradient."""
-        g = grad.double()
-        if len(vectors) == 2:
-            x, y = vectors
-            g = g.reshape(g.shape[0], -1)
-            return torch.stack([x[:, j] @ (g @ y[:, j]) for j in range(x.shape[1])])
-        return vectors[0].t() @ g.flatten()
+        return probe_full(grad, vectors)
 
-    def probe(self, module: nn.Module, saved: Any, grad_output: torch.Tensor,
-              vectors: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
-        """``{param_name: [2 PROBES] float64}``: the projections ``<V_j, sum_i u_i>`` from
-        forward/backward data, then for each a bound on the sum of the absolute values of its
-        terms (which sets the rounding tolerance of the comparison)."""
-        raise NotImplementedError
+
+def probe_full(grad: torch.Tensor, vectors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``[PROBES]`` float64 ``<V_j, grad>`` for rank-1 (two vectors) or full (one) directions."""
+    g = grad.double()
+    if len(vectors) == 2:
+        x, y = vectors
+        return ((g.reshape(g.shape[0], -1) @ y) * x).sum(0)
+    return vectors[0].t() @ g.reshape(-1)
 
 
 @dataclass
 class Factor:
-    """One use's per-example gradient of a 2-D (or 1-D) parameter in factored form,
+    """One use's per-example gradient of a parameter in factored form,
     ``u_i = sum_t r_it c_it^T``: ``rows`` ``[B, T, R]`` (or ``row_ids`` ``[B, T]``, the one-hot
     rows of an embedding lookup, ``-1`` where a position contributes nothing) and ``cols``
     ``[B, T, C]``. A bias is ``cols = 1``. Cross terms between two uses of a shared parameter
@@ -154,3 +225,12 @@ def summed_probe(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     value = r.sum(0).double() @ v
     bound = torch.linalg.vector_norm(r, dim=1).double().sum() * torch.linalg.vector_norm(v, dim=0)
     return torch.cat([value, bound])
+
+
+def dense_probe(per_example: torch.Tensor, vectors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``[2 PROBES]`` from explicit per-example gradients ``[B, *shape]``: ``<V_j, sum_i u_i>``
+    and the bound ``<|V_j|, sum_i |u_i|>``."""
+    d = per_example.double()
+    total, absolute = d.sum(0), d.abs().sum(0)
+    return torch.cat([probe_full(total, vectors),
+                      probe_full(absolute, tuple(v.abs() for v in vectors))])

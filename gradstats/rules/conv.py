@@ -9,7 +9,7 @@ gradient of the group's output channels. The weight of group ``h`` flattened to
     |dW_i|^2 = sum_h || G_ih^T A_ih ||_F^2          (a Linear layer with T = L, per group)
     |db_i|^2 = sum_c (sum_l g_icl)^2
 
-computed by :func:`gradstats._ops.linear_norms` (Gram or direct by its cost model) with the
+computed by :func:`gradstats.ops.linear_norms` (Gram or direct by its cost model) with the
 groups folded into the batch dimension. Every ``padding_mode`` is handled by padding the input
 as the module does (``F.pad``) before unfolding. ConvTranspose layers have no rule.
 """
@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _ops
-from . import register_rule
-from .base import PROBES, Factor, Rule
-from .linear import _needs
+from .. import ops
+from .base import PROBES, Factor, Rule, needs
+from .registry import register_rule
 
 #: the unfolded input is built this many elements at a time at most (in example chunks), so
 #: that large layers do not allocate one huge im2col buffer per step
@@ -105,21 +104,22 @@ class ConvRule(Rule):
     """Per-example norms of a convolution's weight and bias (any padding, padding_mode,
     stride, dilation and groups)."""
 
-    def norms(self, module, saved, grad_output):
-        x, grad = _batched(module, saved, grad_output)
-        out: dict[str, torch.Tensor] = {}
+    def collect(self, module, saved, grad_output, sink):
+        x, grad = _batched(module, saved[0], grad_output)
         B, g = x.shape[0], module.groups
-        if _needs(module, "weight"):
+        if needs(module, "weight"):
             patch = (x.shape[1] // g) * math.prod(module.kernel_size)
             positions = math.prod(grad.shape[2:])
-            if _ops.linear_strategy(positions, patch, grad.shape[1] // g) == "direct":
-                out["weight"] = self._direct_norms(module, x, grad)
+            if ops.linear_strategy(positions, patch, grad.shape[1] // g) == "direct":
+                sink.add("weight", self._direct_norms(module, x, grad))
             else:
-                out["weight"] = self._unfolded_norms(module, x, grad, patch * g * positions)
-        if _needs(module, "bias"):
+                sink.add("weight", self._unfolded_norms(module, x, grad, patch * g * positions))
+        if needs(module, "bias"):
             dt = torch.promote_types(grad.dtype, torch.float32)
-            out["bias"] = grad.reshape(B, grad.shape[1], -1).sum(2, dtype=dt).square().sum(1)
-        return out
+            sink.add("bias", grad.reshape(B, grad.shape[1], -1).sum(2, dtype=dt).square().sum(1))
+        if sink.probing:
+            for k, v in self._probe(module, x, grad, sink).items():
+                sink.probe(k, v)
 
     def _unfolded_norms(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor,
                         per_example: int) -> torch.Tensor:
@@ -130,7 +130,7 @@ class ConvRule(Rule):
         parts = []
         for lo in range(0, B, step):
             A = _unfold_groups(module, _padded(module, x[lo:lo + step]))
-            w, _ = _ops.linear_norms(A, _grad_groups(module, grad[lo:lo + step]))
+            w, _ = ops.linear_norms(A, _grad_groups(module, grad[lo:lo + step]))
             parts.append(w.view(-1, g).sum(1))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -163,47 +163,30 @@ class ConvRule(Rule):
         per-example gradients themselves, ``dW_i`` ``[C_out, C_in/groups * prod(k)]`` as the
         columns of ``C_out`` unit rows (``[B, C_out, C_out]``), and ``db_i`` as one row. This
         forms the ``B x P`` per-example weight gradients, for shared layers only."""
-        x, grad = _batched(module, saved, grad_output)
+        x, grad = _batched(module, saved[0], grad_output)
         B, C_out = grad.shape[0], grad.shape[1]
         dt = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
         out = {}
-        if _needs(module, "weight"):
+        if needs(module, "weight"):
             dW = torch.cat(list(self._weight_grads(module, x, grad)))
             eye = torch.eye(C_out, dtype=dt, device=grad.device).expand(B, C_out, C_out)
             out["weight"] = Factor(cols=dW, rows=eye)
-        if _needs(module, "bias"):
+        if needs(module, "bias"):
             db = grad.reshape(B, C_out, -1).sum(2, dtype=dt)
             out["bias"] = Factor(cols=db.new_ones(B, 1, 1), rows=db[:, None])
         return out
 
-    def probe_vectors(self, name, param, gen):
-        # Rank-1 directions x y^T on the weight as [C_out, C_in/groups * prod(k)].
-        def rand(n):
-            return torch.randn(n, PROBES, generator=gen, dtype=torch.float64).to(param.device)
-
-        if name == "weight":
-            return rand(param.shape[0]), rand(param[0].numel())
-        return (rand(param.shape[0]),)
-
-    def probe_grad(self, name, grad, vectors):
-        g = grad.double().reshape(grad.shape[0], -1)
-        if name == "weight":
-            x, y = vectors
-            return ((g @ y) * x).sum(0)
-        return vectors[0].t() @ g.reshape(-1)
-
-    def probe(self, module, saved, grad_output, vectors):
+    def _probe(self, module, x, grad, sink):
         """``<x y^T, dW> = sum_{i,h,l} (G_ihl . x_h)(A_ihl . y)``: ``A . y`` for every position is
         a convolution with ``y`` as the kernel of each group, run in the input's precision (at
         least float32: its rounding is far inside the probe's tolerance, and a float64
         convolution has no fast kernel); the sums over positions are float64."""
-        x, grad = _batched(module, saved, grad_output)
         B, C_out, g = grad.shape[0], grad.shape[1], module.groups
         dt = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
         G = grad.to(dt).reshape(B, g, C_out // g, -1)  # [B, g, C_out/g, L]
         out = {}
-        if "weight" in vectors:
-            vx, vy = vectors["weight"]
+        if sink.vec("weight") is not None:
+            vx, vy = sink.vec("weight")
             xp = _padded(module, x.to(dt))
             n = _spatial_dims(module)
             ky = vy.t().to(dt).reshape(PROBES, -1, *module.kernel_size).repeat(g, *[1] * (1 + n))
@@ -213,8 +196,8 @@ class ConvRule(Rule):
             # the bound sums the products' absolute values: the scale of the float64 sums
             prod = gx.double() * ay
             out["weight"] = torch.cat([prod.sum((0, 1, 3)), prod.abs().sum((0, 1, 3))])
-        if "bias" in vectors:
-            v = vectors["bias"][0]
+        if sink.vec("bias") is not None:
+            v = sink.vec("bias")[0]
             gv = torch.einsum("bol,op->bpl", G.reshape(B, C_out, -1), v.to(dt)).double()
             out["bias"] = torch.cat([gv.sum((0, 2)), gv.abs().sum((0, 2))])
         return out
@@ -225,4 +208,4 @@ class ConvRule(Rule):
         if x.dim() not in (n + 1, n + 2):
             raise ValueError(f"{type(module).__name__}: expected a [B, C, *spatial] input with "
                              f"{n} spatial dims, got shape {tuple(x.shape)}")
-        return x.detach()
+        return (x.detach(),)

@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_rule
-from .base import PROBES, Factor, Rule
-from .linear import _needs
+from .base import Factor, Rule, directions, needs
+from .registry import register_rule
 
 
 def _flat(module: nn.Embedding, ids: torch.Tensor, grad: torch.Tensor
@@ -65,12 +64,19 @@ class EmbeddingRule(Rule):
         ids = inputs[0]
         if ids.is_floating_point() or ids.is_complex():
             raise ValueError(f"{type(module).__name__}: expected integer ids, got {ids.dtype}")
-        return ids.detach()
+        return (ids.detach(),)
 
-    def norms(self, module, saved, grad_output):
-        if not _needs(module, "weight"):
-            return {}
-        ids, g, B = _flat(module, saved, grad_output)
+    def collect(self, module, saved, grad_output, sink):
+        if not needs(module, "weight"):
+            return
+        sink.add("weight", self.per_example_norms(module, saved[0], grad_output))
+        vec = sink.vec("weight")
+        if vec is not None:
+            sink.probe("weight", self._probe(module, saved[0], grad_output, vec))
+
+    def per_example_norms(self, module, ids, grad_output) -> torch.Tensor:
+        """``[B]`` squared norms of each example's table gradient."""
+        ids, g, B = _flat(module, ids, grad_output)
         ids = ids.long()
         dt = torch.promote_types(g.dtype, torch.float32)
         V = module.num_embeddings
@@ -88,16 +94,15 @@ class EmbeddingRule(Rule):
         scale = _scale(module, ids, dt)
         if scale is not None:
             sq = sq * scale[keys.remainder(V)].square()
-        per_example = torch.bincount(keys // V, weights=sq, minlength=B + 1)[:B]
-        return {"weight": per_example.to(dt)}
+        return torch.bincount(keys // V, weights=sq, minlength=B + 1)[:B].to(dt)
 
     def factors(self, module, saved, grad_output):
         """``dE_i = sum_t e_{x_it} (s_{x_it} g_it)^T``: one-hot rows given by the ids (-1 at
         ``padding_idx``), columns the scaled output gradients; for tied weights (an output
         Linear sharing the table) and modules called more than once per forward."""
-        if not _needs(module, "weight"):
+        if not needs(module, "weight"):
             return {}
-        ids, g, B = _flat(module, saved, grad_output)
+        ids, g, B = _flat(module, saved[0], grad_output)
         ids = ids.long()
         scale = _scale(module, ids, torch.promote_types(g.dtype, torch.float32))
         if scale is not None:
@@ -109,10 +114,8 @@ class EmbeddingRule(Rule):
 
     def probe_vectors(self, name, param, gen):
         # Rank-1 directions x y^T on [V, d]: <x y^T, dE> = sum_t s_{x_t} x[x_t] (g_t . y).
-        def rand(n):
-            return torch.randn(n, PROBES, generator=gen, dtype=torch.float64).to(param.device)
-
-        return rand(param.shape[0]), rand(param.shape[1])
+        return directions(param.shape[0], gen, param.device), directions(param.shape[1], gen,
+                                                                         param.device)
 
     def probe_grad(self, name, grad, vectors):
         x, y = vectors
@@ -124,14 +127,12 @@ class EmbeddingRule(Rule):
         # float32; its rounding is far inside the probe's tolerance), no float64 copy.
         return (_columns_mv(grad, y) * x).sum(0)
 
-    def probe(self, module, saved, grad_output, vectors):
+    def _probe(self, module, ids, grad_output, vectors):
         """``<x y^T, sum_i dE_i> = sum_t s_t x[x_t] (g_t . y)``; the bound on the sum of the
         terms' absolute values uses ``sum_k |g_tk y_k| <= |g_t| |y|`` (Cauchy-Schwarz), which
         needs no ``|g|`` copy."""
-        if "weight" not in vectors:
-            return {}
-        x, y = vectors["weight"]
-        ids, g, _ = _flat(module, saved, grad_output)
+        x, y = vectors
+        ids, g, _ = _flat(module, ids, grad_output)
         ids = ids.long()
         gy = _columns_mv(g, y)  # [N, P]
         gn = torch.linalg.vector_norm(g, dim=1, dtype=torch.promote_types(g.dtype, torch.float32))
@@ -145,7 +146,7 @@ class EmbeddingRule(Rule):
             xs = xs.masked_fill(pad[:, None], 0.0)
         value = (gy * xs).sum(0)
         bound = (gn * xs.abs()).sum(0) * torch.linalg.vector_norm(y, dim=0)
-        return {"weight": torch.cat([value, bound])}
+        return torch.cat([value, bound])
 
 
 def _columns_mv(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,38 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .. import _ops
-from . import register_rule
-from .base import Factor, Rule, factored_probe, summed_probe
+from .. import ops
+from .base import Factor, Rule, Sink, needs
+from .registry import register_rule
 
 
-def _needs(module: nn.Module, name: str) -> bool:
-    p = getattr(module, name, None)
-    return p is not None and p.requires_grad
+def linear_factors(A: torch.Tensor, G: torch.Tensor, weight: bool, bias: bool
+                   ) -> dict[str, Factor]:
+    """The factored per-example gradients of a Linear use with input ``A`` and output
+    gradient ``G`` (``[B, ..., d]`` each)."""
+    B = A.shape[0]
+    A = A.reshape(B, -1, A.shape[-1])
+    G = G.reshape(B, -1, G.shape[-1])
+    out = {}
+    if weight:
+        out["weight"] = Factor(cols=A, rows=G)
+    if bias:
+        out["bias"] = Factor(cols=torch.ones_like(G[..., :1]), rows=G)
+    return out
+
+
+def linear_collect(A: torch.Tensor, G: torch.Tensor, sink: Sink, weight: str = "weight",
+                   bias: str = "bias") -> None:
+    """The Linear maths for any rule that has a Linear inside (attention projections, HF
+    Conv1D, the function-level ``linear``): norms and probe of ``weight`` and ``bias``."""
+    xw = yw = vb = None
+    vw, vbias = sink.vec(weight), sink.vec(bias)
+    if vw is not None:
+        xw, yw = vw
+    if vbias is not None:
+        vb = vbias[0]
+    ops.linear_collect(A, G, sink.E, sink.P, sink.rows, sink.slot(weight), sink.slot(bias),
+                       xw, yw, vb, sink.strategy)
 
 
 @register_rule(nn.Linear)
@@ -23,82 +47,89 @@ class LinearRule(Rule):
     supports_fused = True
     batch_dim_movable = True
 
+    def collect(self, module, saved, grad_output, sink):
+        linear_collect(saved[0], grad_output, sink)
+
     def factors(self, module, saved, grad_output):
-        B = saved.shape[0]
-        A = saved.reshape(B, -1, saved.shape[-1])
-        G = grad_output.reshape(B, -1, grad_output.shape[-1])
-        out = {}
-        if _needs(module, "weight"):
-            out["weight"] = Factor(cols=A, rows=G)
-        if _needs(module, "bias"):
-            out["bias"] = Factor(cols=torch.ones_like(G[..., :1]), rows=G)
+        return linear_factors(saved[0], grad_output, needs(module, "weight"),
+                              needs(module, "bias"))
+
+    def fused_forward(self, module: nn.Linear, x: torch.Tensor, sink: Sink | None,
+                      on_backward=None) -> torch.Tensor:
+        """F.linear whose backward computes dW, db and the per-example norms in one op (the
+        same autograd node with or without a sink, so activation checkpointing recomputes
+        exactly what the first forward saved)."""
+        if sink is None and not torch.is_grad_enabled():
+            return F.linear(x, module.weight, module.bias)
+        E = P = rows = xw = yw = vb = None
+        slot_w = slot_b = -1
+        if sink is not None:
+            E, P, rows, slot_w, slot_b = sink.E, sink.P, sink.rows, sink.slot("weight"), sink.slot("bias")
+            vw, vbias = sink.vec("weight"), sink.vec("bias")
+            if vw is not None:
+                xw, yw = vw
+            if vbias is not None:
+                vb = vbias[0]
+        strategy = "auto" if sink is None else sink.strategy
+        out = _FusedLinear.apply(x, module.weight, module.bias, E, P, rows, slot_w, slot_b,
+                                 xw, yw, vb, strategy)
+        if sink is not None and out.grad_fn is not None:
+            out.grad_fn.forward_record = sink.forward
+            out.grad_fn.on_backward = on_backward
         return out
-
-    def norms(self, module, saved, grad_output):
-        w, b = _ops.linear_norms(saved, grad_output)
-        out = {}
-        if _needs(module, "weight"):
-            out["weight"] = w
-        if _needs(module, "bias"):
-            out["bias"] = b
-        return out
-
-    def probe(self, module, saved, grad_output, vectors):
-        G = grad_output.reshape(-1, grad_output.shape[-1])
-        out = {}
-        if "weight" in vectors:
-            out["weight"] = factored_probe(G, saved.reshape(-1, saved.shape[-1]),
-                                           *vectors["weight"])
-        if "bias" in vectors:
-            out["bias"] = summed_probe(G, vectors["bias"][0])
-        return out
-
-    def fused_forward(self, module: nn.Module, begin) -> Any:
-        """A forward for ``module`` whose backward computes dW, db and the per-example norms in
-        one op. ``begin(module, requires_grad)`` returns the callback the backward reports
-        ``(saved_input, grad_output, norms)`` to, or None when this call is not counted."""
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            needs = module.weight.requires_grad or (module.bias is not None
-                                                    and module.bias.requires_grad)
-            report = begin(module, needs and torch.is_grad_enabled())
-            if report is None:
-                return F.linear(x, module.weight, module.bias)
-            return _FusedLinear.apply(x, module.weight, module.bias, report)
-
-        return forward
 
 
 class _FusedLinear(torch.autograd.Function):
-    """F.linear whose backward also yields the per-example norms (not twice differentiable:
+    """F.linear whose backward also writes the per-example norms (not twice differentiable:
     measure double-backward passes in hooks mode, or run them under monitor.paused())."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, report):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.report = report
+    def forward(x, weight, bias, E, P, rows, slot_w, slot_b, xw, yw, vb, strategy):
         return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, E, P, rows, slot_w, slot_b, xw, yw, vb, strategy = inputs
+        ctx.save_for_backward(x, weight)
+        # the accumulators are written by every layer's backward: not saved (no version check)
+        ctx.acc = (E, P, rows, xw, yw, vb)
+        ctx.has_bias = bias is not None
+        ctx.slots = (slot_w, slot_b)
+        ctx.strategy = strategy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
+        E, P, rows, xw, yw, vb = ctx.acc
+        record = getattr(ctx, "forward_record", None)
+        if record is not None:
+            record.seen = True
+        repeated = getattr(ctx, "on_backward", None)
+        slot_w, slot_b = ctx.slots
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_x = dW = db = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            dW, db, nw, nb = _ops.linear_fused(x.detach(), grad_out)
-            norms = {}
-            if ctx.needs_input_grad[1]:
-                norms["weight"] = nw
-                dW = dW.to(weight.dtype)
+        if need_w or need_b:
+            if E is None:
+                E = P = torch.zeros(0, 0, dtype=torch.float64, device=x.device)
+                rows = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+                slot_w = slot_b = -1
+                xw = yw = vb = None
+                dW, db = _plain_grads(x, grad_out)
             else:
-                dW = None
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                norms["bias"] = nb
-                db = db.to(weight.dtype)
-            else:
-                db = None
-            ctx.report(x.detach(), grad_out, norms)
-        return grad_x, dW, db, None
+                dW, db = ops.linear_fused_collect(
+                    x.detach(), grad_out.detach(), E, P, rows, slot_w if need_w else -1,
+                    slot_b if need_b else -1, xw, yw, vb, ctx.strategy)
+            if repeated is not None:  # the layer ran more than once in this forward
+                repeated(x.detach(), grad_out.detach())
+            dW = dW.to(weight.dtype) if need_w else None
+            db = db.to(weight.dtype) if need_b else None
+        return grad_x, dW, db, None, None, None, None, None, None, None, None, None
+
+
+def _plain_grads(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g2 = g.reshape(-1, g.shape[-1])
+    return g2.t().matmul(x.reshape(-1, x.shape[-1]).to(g2.dtype)), g2.sum(0)

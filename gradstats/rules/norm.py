@@ -29,80 +29,61 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import register_rule
-from .base import PROBES, Factor, Rule
-from .linear import _needs
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+from .base import Factor, Rule, Sink, compute_dtype, directions, needs
+from .registry import register_rule
 
 
 class _AffineNormRule(Rule):
-    """Shared maths. Subclasses implement :meth:`layout`: the gradient and ``xhat`` as
-    ``[B, R, K]`` (``reduce_dim=1``) or ``[B, K, R]`` (``reduce_dim=2``)."""
+    """Shared maths. Subclasses implement :meth:`layout`: the gradient, ``xhat`` and the
+    offset ``|mean| rstd`` (what the native backward's rounding scales with besides ``|xhat|``)
+    as ``[B, R, K]`` (``reduce_dim=1``) or ``[B, K, R]`` (``reduce_dim=2``); the offset
+    broadcasts against them."""
 
     def layout(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float, int]:
         raise NotImplementedError
 
-    def _per_example(self, module, saved, grad_output) -> dict[str, torch.Tensor]:
+    def per_example(self, module, x, grad) -> dict[str, torch.Tensor]:
         """Each example's dgamma and dbeta, ``[B, K]``, in the input's precision (>= float32)."""
-        g, xhat, rd = self.layout(module, saved, grad_output, _compute_dtype(saved))
+        g, xhat, _, rd = self.layout(module, x, grad, compute_dtype(x))
         out = {}
-        if _needs(module, "weight"):
+        if needs(module, "weight"):
             out["weight"] = (g * xhat).sum(rd)
-        if _needs(module, "bias"):
+        if needs(module, "bias"):
             out["bias"] = g.sum(rd)
         return out
 
-    def norms(self, module, saved, grad_output):
-        return {k: v.square().sum(1) for k, v in
-                self._per_example(module, saved, grad_output).items()}
+    def collect(self, module, saved, grad_output, sink):
+        x = saved[0]
+        for k, v in self.per_example(module, x, grad_output).items():
+            sink.add(k, v.square().sum(1))
+        if sink.probing:
+            self._probe(module, x, grad_output, sink)
 
-    def collect(self, module, saved, grad_output, vectors):
-        """Norms and probe from one pass: the probe projects the per-example gradients (small
-        ``[B, K]`` tensors) in float64; its bound sums their absolute values."""
-        per = self._per_example(module, saved, grad_output)
-        norms = {k: v.square().sum(1) for k, v in per.items()}
-        probes = {}
-        for k, (v,) in (vectors or {}).items():
-            d = per[k].double()
-            probes[k] = torch.cat([d.sum(0) @ v, d.abs().sum(0) @ v.abs()])
-        return norms, probes
+    def _probe(self, module, x, grad, sink: Sink) -> None:
+        """``<v, sum_i dgamma_i>`` and ``<v, sum_i dbeta_i>`` in float64, with bounds
+        ``<|v|, sum |g| (|xhat| + |mean| rstd)>`` and ``<|v|, sum |g|>``: the scales of the
+        rounding of the native backward, which forms ``sum g x`` before subtracting the mean."""
+        g, xhat, off, rd = self.layout(module, x, grad, torch.float64)
+        dims = (0, rd)
+        for name, terms, scale in (("weight", lambda: g * xhat, lambda: g.abs() * (xhat.abs() + off)),
+                                   ("bias", lambda: g, lambda: g.abs())):
+            vec = sink.vec(name)
+            if vec is not None:
+                v = vec[0]
+                sink.probe(name, torch.cat([terms().sum(dims).reshape(-1) @ v,
+                                            scale().sum(dims).reshape(-1) @ v.abs()]))
 
     def factors(self, module, saved, grad_output):
         """The per-example gradients themselves (``[B, 1, K]`` rows, unit columns): these
         parameters are small, and this serves modules called more than once per forward."""
-        g, xhat, rd = self.layout(module, saved, grad_output, _compute_dtype(saved))
         out = {}
-        ones = g.new_ones(g.shape[0], 1, 1)
-        if _needs(module, "weight"):
-            out["weight"] = Factor(cols=ones, rows=(g * xhat).sum(rd)[:, None])
-        if _needs(module, "bias"):
-            out["bias"] = Factor(cols=ones, rows=g.sum(rd)[:, None])
+        for k, v in self.per_example(module, saved[0], grad_output).items():
+            out[k] = Factor(cols=v.new_ones(v.shape[0], 1, 1), rows=v[:, None])
         return out
 
     def probe_vectors(self, name, param, gen):
-        # Full directions: these parameters are small.
-        return (torch.randn(param.numel(), PROBES, generator=gen,
-                            dtype=torch.float64).to(param.device),)
-
-    def probe_grad(self, name, grad, vectors):
-        return grad.double().reshape(-1) @ vectors[0]
-
-    def probe(self, module, saved, grad_output, vectors):
-        g, xhat, rd = self.layout(module, saved, grad_output, torch.float64)
-        dims = (0, rd)
-        out = {}
-        if "weight" in vectors:
-            v = vectors["weight"][0]
-            prod = g * xhat
-            out["weight"] = torch.cat([prod.sum(dims) @ v, prod.abs().sum(dims) @ v.abs()])
-        if "bias" in vectors:
-            v = vectors["bias"][0]
-            out["bias"] = torch.cat([g.sum(dims) @ v, g.abs().sum(dims) @ v.abs()])
-        return out
+        return (directions(param.numel(), gen, param.device),)  # full: these are small
 
 
 def _last_dims(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype
@@ -127,7 +108,8 @@ class LayerNormRule(_AffineNormRule):
     def layout(self, module, x, grad, dtype):
         x, g = _last_dims(module, x, grad, dtype)
         var, mean = torch.var_mean(x, dim=2, unbiased=False, keepdim=True)
-        return g, (x - mean) * torch.rsqrt(var + module.eps), 1
+        rstd = torch.rsqrt(var + module.eps)
+        return g, (x - mean) * rstd, mean.abs() * rstd, 1
 
 
 @register_rule(nn.RMSNorm)
@@ -141,7 +123,7 @@ class RMSNormRule(_AffineNormRule):
         if eps is None:
             eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
         x, g = _last_dims(module, x, grad, dtype)
-        return g, x * torch.rsqrt(x.square().mean(2, keepdim=True) + eps), 1
+        return g, x * torch.rsqrt(x.square().mean(2, keepdim=True) + eps), 0.0, 1
 
 
 def _channels(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype,
@@ -157,15 +139,19 @@ def _channels(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: tor
     return x.to(dtype).reshape(B, C, -1), grad.to(dtype).reshape(B, C, -1)
 
 
-def _standardise(x: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
+def _standardise(x: torch.Tensor, dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xhat, |mean| rstd)`` over ``dim``."""
     var, mean = torch.var_mean(x, dim=dim, unbiased=False, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + eps)
+    rstd = torch.rsqrt(var + eps)
+    return (x - mean) * rstd, mean.abs() * rstd
 
 
-def _running(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps)`` per channel of ``x`` ``[B, C, R]``."""
+def _running(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((x - mean) / sqrt(var + eps), |mean| rstd)`` per channel of ``x`` ``[B, C, R]``."""
     m, v = mean.to(x.dtype)[None, :, None], var.to(x.dtype)[None, :, None]
-    return (x - m) * torch.rsqrt(v + eps)
+    rstd = torch.rsqrt(v + eps)
+    return (x - m) * rstd, m.abs() * rstd
 
 
 @register_rule(nn.GroupNorm)
@@ -175,8 +161,9 @@ class GroupNormRule(_AffineNormRule):
     def layout(self, module, x, grad, dtype):
         x, g = _channels(module, x, grad, dtype)
         B, C, R = x.shape
-        xhat = _standardise(x.reshape(B, module.num_groups, -1), 2, module.eps)
-        return g, xhat.reshape(B, C, R), 2
+        xhat, off = _standardise(x.reshape(B, module.num_groups, -1), 2, module.eps)
+        off = off.expand(B, module.num_groups, C // module.num_groups).reshape(B, C, 1)
+        return g, xhat.reshape(B, C, R), off, 2
 
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -187,8 +174,8 @@ class InstanceNormRule(_AffineNormRule):
     def layout(self, module, x, grad, dtype):
         x, g = _channels(module, x, grad, dtype, module._get_no_batch_dim())
         if module.training or not module.track_running_stats:
-            return g, _standardise(x, 2, module.eps), 2
-        return g, _running(x, module.running_mean, module.running_var, module.eps), 2
+            return g, *_standardise(x, 2, module.eps), 2
+        return g, *_running(x, module.running_mean, module.running_var, module.eps), 2
 
 
 @register_rule(nn.modules.batchnorm._BatchNorm)
@@ -207,8 +194,8 @@ class BatchNormRule(_AffineNormRule):
             raise ValueError(
                 f"{name} with track_running_stats=False normalises with batch statistics even "
                 "in eval mode, so per-example gradients are not defined")
-        return inputs[0].detach()
+        return (inputs[0].detach(),)
 
     def layout(self, module, x, grad, dtype):
         x, g = _channels(module, x, grad, dtype)
-        return g, _running(x, module.running_mean, module.running_var, module.eps), 2
+        return g, *_running(x, module.running_mean, module.running_var, module.eps), 2

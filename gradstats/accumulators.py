@@ -1,0 +1,91 @@
+"""The per-step accumulators the rules and ops write in place and ``step()`` reads at once.
+
+One column per example counted this step (micro-batches one after another), one row (slot) per
+covered parameter:
+
+* ``E`` ``[slots, capacity]`` float64: ``E[s, i] = |u_i^(s)|^2``, example ``i``'s squared
+  gradient norm for parameter ``s`` in autograd's units (cross terms of shared parameters
+  included);
+* ``P`` ``[slots, 2 PROBES]`` float64: the contract probe ``<V_j, sum_i u_i>`` and the bound on
+  its rounding, summed over the step;
+* ``r`` ``[capacity]`` float64: each example's loss-reduction factor (``1/b`` for a mean over a
+  micro-batch of ``b``, ``1/n_tokens`` for a token mean, 1 for a sum), written when its
+  forward starts.
+
+Buffers are laid out once and grown only between steps (or when a forward would overflow them in
+eager mode), so nothing is allocated per layer or per step, and a compiled graph sees the same
+tensors every step. Under ``torch.compile`` the column offset is a tensor, so counting examples
+never recompiles; a step that overflows the capacity there is reported unmeasured and the
+buffers grow.
+"""
+from __future__ import annotations
+
+import torch
+
+from .rules.base import PROBES
+
+__all__ = ["Accumulators"]
+
+
+class Accumulators:
+    def __init__(self, slots: int, device: torch.device, capacity: int = 1024) -> None:
+        self.slots, self.device = slots, device
+        f64 = dict(dtype=torch.float64, device=device)
+        self.E = torch.zeros(slots, capacity, **f64)
+        self.P = torch.zeros(slots, 2 * PROBES, **f64)
+        self.r = torch.zeros(capacity, **f64)
+        self.count = 0  # examples counted this step (eager)
+        self.forwards = 0
+        # compiled forwards count on the device instead (no host value to guard on)
+        self.dev_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.dev_forwards = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.E.shape[1]
+
+    def begin_forward(self, batch: int, reduction: float | torch.Tensor) -> torch.Tensor:
+        """Columns ``[batch]`` for the examples of a forward that starts now; records their
+        reduction factor."""
+        if torch.compiler.is_compiling():
+            rows = self.dev_count + torch.arange(batch, device=self.device)
+            rows = rows.clamp_max(self.capacity - 1)  # overflow: found and reported in step()
+            self.dev_count.add_(batch)
+            self.dev_forwards.add_(1)
+            factor = torch.as_tensor(reduction, dtype=torch.float64, device=self.device)
+            self.r.index_copy_(0, rows, factor.expand(batch))
+            return rows
+        start = self.count
+        if start + batch > self.capacity:
+            self._grow(max(2 * self.capacity, start + batch))
+        self.count += batch
+        self.forwards += 1
+        rows = torch.arange(start, start + batch, device=self.device)
+        self.r[start:start + batch] = reduction
+        return rows
+
+    def _grow(self, capacity: int) -> None:
+        E = torch.zeros(self.slots, capacity, dtype=torch.float64, device=self.device)
+        r = torch.zeros(capacity, dtype=torch.float64, device=self.device)
+        E[:, :self.E.shape[1]] = self.E
+        r[:self.r.shape[0]] = self.r
+        self.E, self.r = E, r
+
+    def totals(self) -> tuple[int, int, bool]:
+        """``(examples, forwards, overflowed)`` counted this step (a step's forwards are either
+        all eager or all compiled: their columns would overlap otherwise)."""
+        n_dev = int(self.dev_count)
+        n = self.count + n_dev
+        return n, self.forwards + int(self.dev_forwards), n > self.capacity
+
+    def reset(self, grow_to: int = 0) -> None:
+        """Zeroes what this step wrote (and grows the buffers for the next one if asked)."""
+        n = min(self.count + int(self.dev_count), self.capacity)
+        self.E[:, :n].zero_()
+        self.r[:n].zero_()
+        self.P.zero_()
+        self.count = self.forwards = 0
+        self.dev_count.zero_()
+        self.dev_forwards.zero_()
+        if grow_to > self.capacity:
+            self._grow(grow_to)

@@ -1,0 +1,413 @@
+"""The monitor's hooks: forward bookkeeping, the output-gradient taps, fused forwards, cross
+terms of shared parameters and deferred contributions.
+
+Data path: the root's forward pre-hook finds the batch and reserves accumulator columns for its
+examples; a covered module's forward hook saves what its rule needs (through autograd's
+saved-tensor hooks, so activation checkpointing discards and recomputes it like the module's own
+saved tensors) and registers a hook on its output; when the output's gradient arrives that hook
+makes one rule call, which writes norms and probe values into the accumulators. Fused layers run a
+forward whose backward does the same inside one op.
+
+Counting happens in backward: a use counts when its gradient arrives. Under non-reentrant
+checkpointing the recomputed forward registers hooks that never fire; under reentrant
+checkpointing the first forward runs without grad and the recomputed one, inside backward, is the
+one whose hooks fire. Either way each use is counted once.
+
+Everything the hooks hold is reached through weak references and a registry keyed by module, so a
+``copy.deepcopy`` of the model (an EMA or teacher copy) is a plain model.
+"""
+from __future__ import annotations
+
+import types
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .accumulators import Accumulators
+from .contract import ContractError
+from .layers import Coverage, LayerState
+from .rules.base import Factor, Sink, cross_term, dense_probe
+
+__all__ = ["Hooks", "Forward"]
+
+#: module -> (hooks, layer) for fused and replaced forwards; copies of a module are not in it
+_INSTALLED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, LayerState]] = (
+    weakref.WeakKeyDictionary())
+
+
+class Forward:
+    """One counted forward of the root module: its index in the step and its examples'
+    accumulator columns."""
+
+    __slots__ = ("fid", "rows", "batch", "seen")
+
+    def __init__(self, fid: int, rows: torch.Tensor, batch: int):
+        self.fid, self.rows, self.batch = fid, rows, batch
+        self.seen = False  # set when a backward pass reaches one of its uses
+
+
+def _pack(saved: tuple) -> tuple[tuple, Callable | None]:
+    """Saves the tensors among ``saved`` the way autograd would under the current saved-tensor
+    hooks (those of activation checkpointing), so that what checkpointing discards is not kept
+    alive here. Returns ``((is_packed, value), ...)`` and the matching unpack hook."""
+    hooks = None
+    if not torch.compiler.is_compiling():
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    if hooks is None:
+        return tuple((False, t) for t in saved), None
+    pack, unpack = hooks
+    return tuple((True, pack(t)) if isinstance(t, torch.Tensor) else (False, t)
+                 for t in saved), unpack
+
+
+def _unpack(packed: tuple, unpack: Callable | None) -> tuple:
+    return tuple(unpack(v) if is_packed else v for is_packed, v in packed)
+
+
+def _in_recomputation() -> bool:
+    """Whether this forward is non-reentrant checkpointing's recomputation inside backward."""
+    if torch._C._current_graph_task_id() == -1 or torch.compiler.is_compiling():
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
+
+
+def _layer_installed(module: nn.Module):
+    entry = _INSTALLED.get(module)
+    if entry is None:
+        return None, None
+    return entry
+
+
+def _fused_forward(module: nn.Module, *args, **kwargs):
+    hooks, layer = _layer_installed(module)
+    if hooks is None:  # a deepcopy of a watched module
+        return type(module).forward(module, *args, **kwargs)
+    return hooks.run_fused(layer, args, kwargs)
+
+
+class Hooks:
+    """Installs and runs the monitor's hooks on ``model``; writes into ``acc``."""
+
+    def __init__(self, model: nn.Module, coverage: Coverage, acc: Accumulators, *,
+                 mode: str, batch_dim: int, strategy: str,
+                 begin_forward: Callable[[Any, Any], Forward | None], provenance: Any):
+        self.model, self.coverage, self.acc = model, coverage, acc
+        self.provenance = provenance
+        self._mode_depth = 0
+        self.batch_dim, self.strategy = batch_dim, strategy
+        self.begin_forward = begin_forward
+        self.measuring = True
+        self.probing = True
+        self.paused = 0
+        self.fwd: Forward | None = None
+        self.calls: dict[tuple[int, int], int] = {}
+        self.factors: dict[tuple[int, int, str | None], list[Factor]] = {}
+        self.stash: dict[tuple[int, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.by_module: weakref.WeakKeyDictionary[nn.Module, LayerState] = (
+            weakref.WeakKeyDictionary())
+        self.handles: list[Any] = []
+        self._vectors = {id(layer): {k: p.vectors for k, p in layer.params.items()}
+                         for layer in coverage.layers.values()}
+        self._slots = {id(layer): layer.slots for layer in coverage.layers.values()}
+        self._attach(mode)
+
+    # ------------------------------------------------------------------------- install
+    def _attach(self, mode: str) -> None:
+        ref = weakref.ref(self)
+
+        def root_pre(module, args, kwargs):
+            hooks = ref()
+            if hooks is not None and module is hooks.model:
+                hooks._on_root(args, kwargs)
+
+        def root_post(module, args, kwargs, output):
+            hooks = ref()
+            if hooks is not None and module is hooks.model:
+                hooks._on_root_end()
+
+        def on_forward(module, args, *rest):
+            hooks = ref()
+            if hooks is None:
+                return None
+            return hooks._on_forward(module, args, rest)
+
+        self.handles.append(self.model.register_forward_pre_hook(root_pre, with_kwargs=True))
+        self.handles.append(self.model.register_forward_hook(root_post, with_kwargs=True,
+                                                             always_call=True))
+        for layer in self.coverage.layers.values():
+            m, rule = layer.module, layer.rule
+            self.by_module[m] = layer
+            fuse = mode == "fused" and rule.supports_fused and self.batch_dim == 0
+            if rule.replaces_forward or fuse:
+                layer.fused = True
+                _INSTALLED[m] = (self, layer)
+                m.forward = types.MethodType(_fused_forward, m)
+            else:
+                self.handles.append(m.register_forward_hook(
+                    on_forward, with_kwargs=getattr(rule, "wants_kwargs", False)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for layer in self.coverage.layers.values():
+            if _INSTALLED.get(layer.module, (None,))[0] is self:
+                del _INSTALLED[layer.module]
+                if "forward" in vars(layer.module):
+                    del layer.module.forward
+            layer.fused = False
+
+    # ------------------------------------------------------------------------- forward
+    def counting(self) -> bool:
+        """Whether a forward starting now is a training forward to count: measured step, not
+        paused, grad enabled, and not inside a torch.func transform (a user's own per-example
+        reference, or the fallback rule)."""
+        return (self.measuring and not self.paused and torch.is_grad_enabled()
+                and torch._C._functorch.peek_interpreter_stack() is None)
+
+    def _on_root(self, args, kwargs) -> None:
+        if not self.counting() or _in_recomputation():
+            return
+        self.fwd = self.begin_forward(args, kwargs)
+        if self.fwd is not None and self._mode_depth == 0:
+            self.provenance.clear()
+            self.provenance.__enter__()
+            self._mode_depth = 1
+
+    def _on_root_end(self) -> None:
+        if self._mode_depth:
+            self._mode_depth = 0
+            self.provenance.__exit__(None, None, None)
+
+    def reset(self) -> None:
+        self.fwd = None
+        self.calls.clear()
+        self.factors.clear()
+        self.stash.clear()
+
+    def _sink(self, layer: LayerState, fwd: Forward) -> Sink:
+        vectors = self._vectors[id(layer)] if self.probing else None
+        return Sink(self.acc.E, self.acc.P, fwd.rows, self._slots[id(layer)], vectors,
+                    self.strategy, fwd)
+
+    def _use(self, layer: LayerState, requires_grad: bool) -> tuple[Forward, int] | None:
+        """The forward a call of ``layer`` belongs to and its index among that forward's calls
+        of the layer, or None when the call is not counted."""
+        fwd = self.fwd
+        if fwd is None or not requires_grad or not self.counting():
+            return None
+        key = (id(layer), fwd.fid)
+        call = self.calls.get(key, 0)
+        if not _in_recomputation():
+            self.calls[key] = call + 1
+        return fwd, call
+
+    def _repeated(self, layer: LayerState, fid: int) -> bool:
+        return layer.shared or self.calls.get((id(layer), fid), 1) > 1
+
+    def _on_forward(self, module: nn.Module, args: Any, rest: tuple) -> Any:
+        layer = self.by_module.get(module)
+        if layer is None:
+            return None
+        output = rest[-1]
+        inputs = (args, rest[0]) if len(rest) == 2 else args
+        leaves = [t for t in tree_flatten(output)[0]
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
+        use = self._use(layer, bool(leaves))
+        if use is None:
+            return None
+        fwd, _ = use
+        if getattr(layer.rule, "broadcast_inputs", False):
+            expanded = self._broadcast(layer, inputs, output, fwd.batch)
+            if expanded is not None:
+                inputs, output = expanded
+                saved = layer.rule.capture(module, inputs, output)
+                packed, unpack = _pack(saved)
+                output.register_hook(self._tap(layer, fwd, packed, unpack, self._sink(layer, fwd)))
+                return output
+        saved = layer.rule.capture(module, inputs, output)
+        if self.batch_dim:
+            saved = tuple(t.movedim(self.batch_dim, 0) if isinstance(t, torch.Tensor) else t
+                          for t in saved)
+        packed, unpack = _pack(saved)
+        sink = self._sink(layer, fwd)
+        if isinstance(output, torch.Tensor):
+            output.register_hook(self._tap(layer, fwd, packed, unpack, sink))
+            return None
+        if not getattr(layer.rule, "multi_output", False):
+            raise ContractError(f"{layer.name} ({type(module).__name__}) returned "
+                                f"{type(output).__name__}; its rule needs a single tensor output")
+        leaves_all = tree_flatten(output)[0]
+        for i, t in enumerate(leaves_all):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._tap_leaf(layer, fwd, packed, unpack, sink, i))
+        return None
+
+    def _broadcast(self, layer: LayerState, inputs: Any, output: torch.Tensor, B: int):
+        """Ids without the batch (position ids shared by every example, found batch-free by
+        provenance whatever their size): the ids and the output expanded to the batch, so that
+        each example's gradient arrives before broadcasting sums it."""
+        ids = inputs[0]
+        if (self.batch_dim or not isinstance(ids, torch.Tensor) or ids.dim() == 0
+                or not self.provenance.is_batch_free(ids)):
+            return None
+        if getattr(layer.module, "scale_grad_by_freq", False):
+            raise ContractError(f"{layer.name}: scale_grad_by_freq with ids shared by the whole "
+                                "batch is not supported")
+        if ids.shape[0] == 1 and ids.dim() > 1:
+            return (ids.expand(B, *ids.shape[1:]),), output.expand(B, *output.shape[1:])
+        return (ids.unsqueeze(0).expand(B, *ids.shape),), output.unsqueeze(0).expand(
+            B, *output.shape)
+
+    def _tap(self, layer: LayerState, fwd: Forward, packed, unpack, sink: Sink):
+        cell = [packed]
+
+        def hook(grad: torch.Tensor) -> None:
+            if self.paused:
+                return
+            saved = self._take(cell, layer, unpack)
+            if self.batch_dim:
+                grad = grad.movedim(self.batch_dim, 0)
+            self._collect(layer, fwd, None, saved, grad.detach(), sink,
+                          lambda s, g: layer.rule.factors(layer.module, s, g),
+                          lambda s, g, k: layer.rule.collect(layer.module, s, g, k))
+
+        return hook
+
+    def _tap_leaf(self, layer, fwd, packed, unpack, sink, index: int):
+        """A multi-output fallback module: each output's contribution is stashed per example and
+        summed with the others' before it is squared (in :meth:`flush`)."""
+        done = [False]
+        saved = [None]
+
+        def hook(grad: torch.Tensor) -> None:
+            if self.paused:
+                return
+            if done[0]:
+                raise self._twice(layer)
+            done[0] = True
+            fwd.seen = True
+            if saved[0] is None:
+                saved[0] = _unpack(packed, unpack)
+            if sink.rows.numel() == 0:
+                return
+            self.paused += 1  # the fallback runs the module again
+            try:
+                layer.rule.collect_output(layer.module, saved[0], index, grad.detach(), sink,
+                                          lambda k, g: self._defer(sink.slots[k], fwd, g))
+            finally:
+                self.paused -= 1
+
+        return hook
+
+    @staticmethod
+    def _twice(layer: LayerState) -> ContractError:
+        return ContractError(
+            f"backward reached the output of {layer.name} twice for one forward; wrap backward "
+            "passes that are not training steps in monitor.paused()")
+
+    def _take(self, cell: list, layer: LayerState, unpack) -> tuple:
+        if cell[0] is None:
+            raise self._twice(layer)
+        packed, cell[0] = cell[0], None  # release the activation at once
+        return _unpack(packed, unpack)
+
+    def _collect(self, layer: LayerState, fwd: Forward, part: str | None, saved, grad, sink,
+                 factors: Callable, collect: Callable) -> None:
+        """One use's rule call, and cross terms with the layer's other uses in this forward
+        when its parameters are shared or it was called more than once."""
+        fwd.seen = True
+        if sink.rows.numel() == 0:
+            return
+        self.paused += 1  # a rule may run the module again (the torch.func fallback)
+        try:
+            collect(saved, grad, sink)
+            if self._repeated(layer, fwd.fid):
+                try:
+                    fs = factors(saved, grad)
+                except NotImplementedError:
+                    names = ", ".join(p.qualname for p in layer.params.values())
+                    raise ContractError(
+                        f"{names} is used more than once per forward, and the "
+                        f"{type(layer.rule).__name__} has no cross terms for it") from None
+                self.add_cross_terms(fwd, part, fs, sink)
+        finally:
+            self.paused -= 1
+
+    def add_cross_terms(self, fwd: Forward, part: str | None, factors: dict[str, Factor],
+                        sink: Sink) -> None:
+        for name, f in factors.items():
+            slot = sink.slots.get(name, -1)
+            if slot < 0:
+                continue
+            prev = self.factors.setdefault((slot, fwd.fid, part), [])
+            if prev:
+                extra = sum(2.0 * cross_term(p, f) for p in prev)
+                self.acc.E[slot].index_add_(0, fwd.rows, extra.to(self.acc.E.device))
+            prev.append(f)
+
+    def _defer(self, slot: int, fwd: Forward, per_example: torch.Tensor) -> None:
+        rows, parts = self.stash.setdefault((slot, fwd.fid), (fwd.rows, []))
+        parts.append(per_example.detach())
+
+    def flush(self) -> None:
+        """Squares the deferred per-example contributions (summed over their parts) into E."""
+        for (slot, _), (rows, parts) in self.stash.items():
+            total = parts[0].double() if len(parts) == 1 else sum(p.double() for p in parts)
+            self.acc.E[slot].index_add_(0, rows, total.flatten(1).square().sum(1))
+        self.stash.clear()
+
+    # ------------------------------------------------------------------------- fused
+    def run_fused(self, layer: LayerState, args: tuple, kwargs: dict) -> Any:
+        module, rule = layer.module, layer.rule
+        if rule.replaces_forward:
+            needs = any(p.param.requires_grad for p in layer.params.values())
+            use = self._use(layer, needs)
+            watch = None
+            if use is not None:
+                fwd, _ = use
+                sink = self._sink(layer, fwd)
+
+                def watch(y, saved, part, collect, factors):
+                    packed, unpack = _pack((saved,))
+                    cell = [packed]
+
+                    def hook(grad):
+                        if not self.paused:
+                            (s,) = self._take(cell, layer, unpack)
+                            self._collect(layer, fwd, part, s, grad.detach(), sink, factors,
+                                          collect)
+
+                    y.register_hook(hook)
+
+            return rule.forward(module, watch, *args, **kwargs)
+        (x,) = args
+        needs = any(p.param.requires_grad for p in layer.params.values())
+        use = self._use(layer, needs and torch.is_grad_enabled())
+        if use is None:
+            return type(module).forward(module, x)
+        fwd, _ = use
+        sink = self._sink(layer, fwd)
+
+        def on_backward(saved_x, grad):
+            if self._repeated(layer, fwd.fid):
+                self.add_cross_terms(fwd, None, rule.factors(module, (saved_x,), grad), sink)
+
+        return rule.fused_forward(module, x, sink, on_backward)
+
+    def function_sink(self, slots: dict[str, int], vectors: dict, fwd: Forward) -> Sink:
+        return Sink(self.acc.E, self.acc.P, fwd.rows, slots, vectors if self.probing else None,
+                    self.strategy, fwd)
+
+
+def dense_collect(per_example: dict[str, torch.Tensor], sink: Sink) -> None:
+    """Norms and probes from explicit per-example gradients ``[B, *shape]``."""
+    for k, g in per_example.items():
+        sink.add(k, g.double().flatten(1).square().sum(1))
+        vec = sink.vec(k)
+        if vec is not None:
+            sink.probe(k, dense_probe(g, vec))
