@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 from .accumulators import Accumulators
 from .contract import ContractError
 from .layers import Coverage, LayerState
+from .provenance import Derived, Layout, Provenance, Source, tensor_leaves
 from .rules.base import Factor, Sink, cross_term, dense_probe
 
 __all__ = ["Hooks", "Forward"]
@@ -75,6 +76,13 @@ def _in_recomputation() -> bool:
     return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
 
 
+def _identity_fn(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+_identity_fn.__name__ = "_identity"
+
+
 def _layer_installed(module: nn.Module):
     entry = _INSTALLED.get(module)
     if entry is None:
@@ -94,10 +102,18 @@ class Hooks:
 
     def __init__(self, model: nn.Module, coverage: Coverage, acc: Accumulators, *,
                  mode: str, batch_dim: int, strategy: str,
-                 begin_forward: Callable[[Any, Any], Forward | None], provenance: Any):
+                 begin_forward: Callable[[Any, Any], Forward | None]):
+        from .rules.functional import FunctionLevel
+
         self.model, self.coverage, self.acc = model, coverage, acc
-        self.provenance = provenance
+        self.provenance = Provenance(model, on_meet=self._meet)
+        by_id = {id(p.param): p for p in coverage.params}
+        self.provenance.refresh(model, by_id)
+        self.functional = FunctionLevel(self, self.provenance, by_id)
         self._mode_depth = 0
+        self.uses: dict[tuple[int, int], int] = {}  # (slot, fid) -> function-level uses
+        self._slot_layer = {p.slot: layer for layer in coverage.layers.values()
+                            for p in layer.params.values()}
         self.batch_dim, self.strategy = batch_dim, strategy
         self.begin_forward = begin_forward
         self.measuring = True
@@ -133,7 +149,13 @@ class Hooks:
             hooks = ref()
             if hooks is None:
                 return None
+            hooks.provenance.inside -= 1
             return hooks._on_forward(module, args, rest)
+
+        def enter(module, args, *rest):
+            hooks = ref()
+            if hooks is not None and module in hooks.by_module:
+                hooks.provenance.inside += 1
 
         self.handles.append(self.model.register_forward_pre_hook(root_pre, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(root_post, with_kwargs=True,
@@ -147,8 +169,10 @@ class Hooks:
                 _INSTALLED[m] = (self, layer)
                 m.forward = types.MethodType(_fused_forward, m)
             else:
+                self.handles.append(m.register_forward_pre_hook(enter))
                 self.handles.append(m.register_forward_hook(
-                    on_forward, with_kwargs=getattr(rule, "wants_kwargs", False)))
+                    on_forward, with_kwargs=getattr(rule, "wants_kwargs", False),
+                    always_call=True))
 
     def detach(self) -> None:
         for h in self.handles:
@@ -174,7 +198,12 @@ class Hooks:
             return
         self.fwd = self.begin_forward(args, kwargs)
         if self.fwd is not None and self._mode_depth == 0:
-            self.provenance.clear()
+            self.provenance.begin(self.fwd.batch)
+            if self.batch_dim:
+                for t in tensor_leaves((args, kwargs)):
+                    if t.dim() > self.batch_dim and t.shape[self.batch_dim] == self.fwd.batch:
+                        self.provenance.set_layout(t, Layout(self.batch_dim))
+            self.provenance.inside = 0
             self.provenance.__enter__()
             self._mode_depth = 1
 
@@ -185,6 +214,7 @@ class Hooks:
 
     def reset(self) -> None:
         self.fwd = None
+        self.uses.clear()
         self.calls.clear()
         self.factors.clear()
         self.stash.clear()
@@ -207,7 +237,35 @@ class Hooks:
         return fwd, call
 
     def _repeated(self, layer: LayerState, fid: int) -> bool:
-        return layer.shared or self.calls.get((id(layer), fid), 1) > 1
+        """Whether a use of ``layer`` needs cross terms: a parameter shared with another layer,
+        the layer called more than once, or one of its parameters also used outside it."""
+        return (layer.shared or self.calls.get((id(layer), fid), 1) > 1
+                or any((p.slot, fid) in self.uses for p in layer.params.values()))
+
+    def slot_uses(self, slot: int, fid: int) -> int:
+        """Uses of parameter ``slot`` in forward ``fid``: function-level ones, and the calls of
+        the layer rule that covers it."""
+        n = self.uses.get((slot, fid), 0)
+        layer = self._slot_layer.get(slot)
+        if layer is not None:
+            n += self.calls.get((id(layer), fid), 0) + (1 if layer.shared else 0)
+        return n
+
+    def pack(self, saved: tuple):
+        return _pack(saved)
+
+    def unpack(self, packed) -> tuple:
+        return _unpack(*packed)
+
+    def _meet(self, func, args, kwargs, derived):
+        return self.functional.meet(func, args, kwargs, derived)
+
+    def layer_contribution(self, layer: LayerState, fwd: Forward, saved: tuple,
+                           grad: torch.Tensor) -> None:
+        """A layer-rule use on batch-free inputs, reached through the function level."""
+        self._collect(layer, fwd, None, saved, grad, self._sink(layer, fwd),
+                      lambda s, g: layer.rule.factors(layer.module, s, g),
+                      lambda s, g, k: layer.rule.collect(layer.module, s, g, k))
 
     def _on_forward(self, module: nn.Module, args: Any, rest: tuple) -> Any:
         layer = self.by_module.get(module)
@@ -221,14 +279,19 @@ class Hooks:
         if use is None:
             return None
         fwd, _ = use
-        if getattr(layer.rule, "broadcast_inputs", False):
-            expanded = self._broadcast(layer, inputs, output, fwd.batch)
-            if expanded is not None:
-                inputs, output = expanded
-                saved = layer.rule.capture(module, inputs, output)
-                packed, unpack = _pack(saved)
-                output.register_hook(self._tap(layer, fwd, packed, unpack, self._sink(layer, fwd)))
-                return output
+        x = inputs[0] if isinstance(inputs, tuple) and inputs else None
+        if isinstance(x, torch.Tensor) and not self.batch_dim:
+            if self._batch_free_call(layer, inputs, output):
+                return None
+            lay = self.provenance.layout(x)
+            if lay.axis != 0 or lay.groups != 1:
+                return self._moved_batch(layer, fwd, inputs, output, lay)
+            if x.dim() and x.shape[0] != fwd.batch and not getattr(layer.rule, "multi_output",
+                                                                    False):
+                raise ContractError(
+                    f"{layer.name} ({type(module).__name__}): its input {tuple(x.shape)} should "
+                    f"carry the batch of {fwd.batch} examples in dim 0, but it came through ops "
+                    "gradstats does not follow")
         saved = layer.rule.capture(module, inputs, output)
         if self.batch_dim:
             saved = tuple(t.movedim(self.batch_dim, 0) if isinstance(t, torch.Tensor) else t
@@ -247,21 +310,51 @@ class Hooks:
                 t.register_hook(self._tap_leaf(layer, fwd, packed, unpack, sink, i))
         return None
 
-    def _broadcast(self, layer: LayerState, inputs: Any, output: torch.Tensor, B: int):
-        """Ids without the batch (position ids shared by every example, found batch-free by
-        provenance whatever their size): the ids and the output expanded to the batch, so that
-        each example's gradient arrives before broadcasting sums it."""
-        ids = inputs[0]
-        if (self.batch_dim or not isinstance(ids, torch.Tensor) or ids.dim() == 0
-                or not self.provenance.is_batch_free(ids)):
-            return None
+    def _batch_free_call(self, layer: LayerState, inputs: tuple, output: Any) -> bool:
+        """A layer called on batch-free inputs only (position ids, learned queries): its output
+        is a derived tensor whose gradient per example is taken where it meets the batch."""
+        tensors = [t for t in tensor_leaves(inputs)]
+        if not tensors or any(self.provenance.derived(t) is None for t in tensors):
+            return False
+        if not isinstance(output, torch.Tensor):
+            raise ContractError(f"{layer.name}: a layer with batch-free inputs must return one "
+                                "tensor")
         if getattr(layer.module, "scale_grad_by_freq", False):
             raise ContractError(f"{layer.name}: scale_grad_by_freq with ids shared by the whole "
                                 "batch is not supported")
-        if ids.shape[0] == 1 and ids.dim() > 1:
-            return (ids.expand(B, *ids.shape[1:]),), output.expand(B, *output.shape[1:])
-        return (ids.unsqueeze(0).expand(B, *ids.shape),), output.unsqueeze(0).expand(
-            B, *output.shape)
+        if any(self.provenance.derived(t).sources for t in tensors):
+            raise ContractError(f"{layer.name} ({type(layer.module).__name__}) gets an input "
+                                "computed from parameters without the batch; gradstats cannot "
+                                "split its gradient per example")
+        saved = layer.rule.capture(layer.module, inputs, output)
+        src = Source(layer=layer, saved=saved, output=output.detach())
+        self.provenance.mark(output, Derived((src,), _identity_fn))
+        return True
+
+    def _moved_batch(self, layer: LayerState, fwd: Forward, inputs, output, lay: Layout):
+        """A layer whose input keeps its batch in another dim: the rule sees it moved first."""
+        if lay.axis is None or lay.groups != 1 or not layer.rule.batch_dim_movable:
+            raise ContractError(
+                f"{layer.name} ({type(layer.module).__name__}): cannot tell which axis of its "
+                f"input {tuple(inputs[0].shape)} is the batch (it was reshaped with the "
+                "positions, or went through an op gradstats does not follow)")
+        saved = tuple(t.movedim(lay.axis, 0) if isinstance(t, torch.Tensor) else t
+                      for t in layer.rule.capture(layer.module, inputs, output))
+        packed, unpack = _pack(saved)
+        sink = self._sink(layer, fwd)
+        cell = [packed]
+        axis = lay.axis
+
+        def hook(grad):
+            if not self.paused:
+                s = self._take(cell, layer, unpack)
+                self._collect(layer, fwd, None, s, grad.detach().movedim(axis, 0), sink,
+                              lambda a, g: layer.rule.factors(layer.module, a, g),
+                              lambda a, g, k: layer.rule.collect(layer.module, a, g, k))
+
+        output.register_hook(hook)
+        self.provenance.set_layout(output, lay)
+        return None
 
     def _tap(self, layer: LayerState, fwd: Forward, packed, unpack, sink: Sink):
         cell = [packed]
@@ -363,6 +456,43 @@ class Hooks:
 
     # ------------------------------------------------------------------------- fused
     def run_fused(self, layer: LayerState, args: tuple, kwargs: dict) -> Any:
+        x = args[0] if args else None
+        if (isinstance(x, torch.Tensor) and self.fwd is not None and self._mode_depth
+                and not self.paused and self.provenance.derived(x) is not None):
+            # batch-free input: measured through the function level, like hooks mode
+            self.provenance.inside += 1
+            try:
+                out = type(layer.module).forward(layer.module, *args, **kwargs)
+            finally:
+                self.provenance.inside -= 1
+            if (isinstance(out, torch.Tensor) and out.requires_grad
+                    and self._use(layer, True) is not None):
+                self._batch_free_call(layer, args, out)
+            return out
+        lay = self.provenance.layout(x) if isinstance(x, torch.Tensor) else None
+        if layer.rule.replaces_forward and lay is not None and self._mode_depth:
+            expected = 0 if getattr(layer.module, "batch_first", True) else 1
+            if x.dim() == 3 and lay.axis != expected:
+                raise ContractError(
+                    f"{layer.name} ({type(layer.module).__name__}, batch_first="
+                    f"{getattr(layer.module, 'batch_first', None)}): its query keeps the batch in "
+                    f"dim {lay.axis}, not {expected}")
+        elif lay is not None and (lay.axis != 0 or lay.groups != 1):
+            raise ContractError(
+                f"{layer.name} ({type(layer.module).__name__}) in fused mode gets an input whose "
+                "batch is not in dim 0; use mode='hooks' for it")
+        self.provenance.inside += 1
+        try:
+            out = self._run_fused(layer, args, kwargs)
+        finally:
+            self.provenance.inside -= 1
+        if lay is not None and self._mode_depth:
+            for t in tensor_leaves(out):
+                if t.dim() == x.dim():
+                    self.provenance.set_layout(t, lay)
+        return out
+
+    def _run_fused(self, layer: LayerState, args: tuple, kwargs: dict) -> Any:
         module, rule = layer.module, layer.rule
         if rule.replaces_forward:
             needs = any(p.param.requires_grad for p in layer.params.values())

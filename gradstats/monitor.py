@@ -25,7 +25,7 @@ from .contract import ContractError, ProbeSchedule
 from .estimators import NoiseScaleEMA, step_estimate
 from .hooks import Forward, Hooks
 from .layers import discover, trainable
-from .provenance import BatchFreeMode, find_batch
+from .provenance import find_batch
 from .rules.base import PROBES
 from .stats import LayerStats, LayerTable, StepStats
 from .units import LossUnits
@@ -121,7 +121,6 @@ class GradStatsMonitor:
         self._steps = 0        # step() calls
         self._measured = 0     # measured steps (the probe schedule counts these)
         self._fid = 0
-        self._mode = BatchFreeMode(self.model)
         self._versions: dict[int, tuple[weakref.ref, int]] = {}
         self._signature: dict[int, tuple[bool, int]] = {}
         self._last_probe: dict[int, list[float]] = {}
@@ -143,15 +142,6 @@ class GradStatsMonitor:
                     raise ValueError(f"batch_dim={self.batch_dim} is not supported for "
                                      f"{layer.name} ({type(layer.module).__name__}), whose "
                                      "batch dim is fixed")
-        if self.coverage.functional:
-            mods = dict(self.model.named_modules())
-            owners = dict.fromkeys(p.layer for p in self.coverage.functional.values())
-            names = ", ".join(f"{n or '<root>'} ({type(mods[n]).__name__})" for n in owners)
-            raise ValueError(
-                f"no gradstats rule for {names}; their parameters would be left out of every "
-                "statistic. Pass "
-                "unsupported='fallback' (torch.func per module), or 'ignore' (or 'warn') to "
-                "measure the covered parameters only")
         self._params = self.coverage.params
         self._trainable = trainable(self.model)
         self._layer_ema = {n: NoiseScaleEMA(self._beta) for n in self.coverage.layer_names}
@@ -159,10 +149,9 @@ class GradStatsMonitor:
                                       for p in self._params])
         device = self._params[0].param.device
         self.acc = Accumulators(len(self._params), device)
-        self._mode.refresh(self.model)
         self.hooks = Hooks(self.model, self.coverage, self.acc, mode=self.mode,
                            batch_dim=self.batch_dim, strategy=self._strategy,
-                           begin_forward=self._begin_forward, provenance=self._mode)
+                           begin_forward=self._begin_forward)
         self._bn_handles = [m.register_forward_pre_hook(_refuse_training_batchnorm(n))
                             for n, m in self.model.named_modules()
                             if isinstance(m, nn.modules.batchnorm._BatchNorm)]

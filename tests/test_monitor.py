@@ -144,9 +144,15 @@ def _model_with_unsupported():
     return nn.Sequential(nn.Linear(5, 6), Scale(6), nn.Tanh(), nn.Linear(6, 3))
 
 
-def test_unsupported_layer_error_names_it():
-    with pytest.raises(ValueError, match=r"1 \(Scale\)"):
-        GradStatsMonitor(_model_with_unsupported())
+@pytest.mark.parametrize("mode", MODES)
+def test_layers_without_a_rule_are_covered_at_the_function_level(mode):
+    """Scale multiplies by its own parameter: no layer rule, default settings, exact."""
+    model = _model_with_unsupported().double()
+    X, Y = data(PROBLEMS[0], 7, seed=19)
+    ref = reference_stats(per_example_grads(model, X, Y))
+    mon = GradStatsMonitor(model, mode=mode)
+    assert "1.alpha" in mon.parameter_names and "1" in mon.layer_names
+    _check(train_step(model, mon, X, Y, k=1), ref, 1e-8)
 
 
 @pytest.mark.parametrize("mode", MODES)

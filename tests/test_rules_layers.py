@@ -372,15 +372,30 @@ def test_conv_and_groupnorm_called_twice():
     assert _rel(stats.tr_sigma, ref["tr"]) < 1e-8
 
 
-# --------------------------------------------------------------------------- refusals
-def test_conv_transpose_is_refused_by_name():
-    with pytest.raises(ValueError, match="ConvTranspose2d"):
-        GradStatsMonitor(nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.Flatten()))
+# ------------------------------------------------------------- layers without a rule of their own
+@pytest.mark.parametrize("make, x", [
+    (lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.Flatten()),
+     lambda g: torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)),
+    (lambda: nn.Sequential(nn.EmbeddingBag(10, 3, mode="mean")),
+     lambda g: torch.randint(0, 10, (5, 4), generator=g)),
+], ids=["conv-transpose", "embedding-bag"])
+def test_layers_without_a_rule_use_torch_func_for_that_call(make, x):
+    """ConvTranspose and EmbeddingBag have no layer rule: their calls go through torch.func at
+    the function level, exactly, at default settings."""
+    torch.manual_seed(0)
+    model = make().double()
+    X = x(torch.Generator().manual_seed(2))
+    W = torch.randn_like(model(X))
+    params = {k: v.detach() for k, v in model.named_parameters()}
 
+    def loss(p, xi, wi):
+        return (functional_call(model, p, (xi[None],)) * wi[None]).sum()
 
-def test_embedding_bag_is_refused_by_name():
-    with pytest.raises(ValueError, match="EmbeddingBag"):
-        GradStatsMonitor(nn.Sequential(nn.EmbeddingBag(10, 3)))
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, X, W)
+    ref = sum(v.flatten(1).square().sum(1) for v in g.values())
+    mon = GradStatsMonitor(model, loss_reduction="sum")
+    (model(X) * W).sum().backward()
+    torch.testing.assert_close(mon.step().per_example_sq_norms, ref, rtol=1e-10, atol=0)
 
 
 def test_batchnorm_refusals_name_the_option():
