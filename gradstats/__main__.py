@@ -1,4 +1,4 @@
 """``python -m gradstats ...``: the same as the ``gradstats`` command."""
-from .cli import main
+from .apps.cli import main
 
 raise SystemExit(main())

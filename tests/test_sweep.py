@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from gradstats.cli import main
+from gradstats.apps.cli import main
 
 pytest.importorskip("sklearn")
 
@@ -47,7 +48,12 @@ def test_fit_equals_independent_refit_of_csv(quick):
     assert fit["b_crit"] == pytest.approx(e_min / s_min, rel=1e-9)
     for name in ("s_min", "e_min", "b_crit"):
         lo, hi = fit[f"{name}_ci"]
-        assert lo <= fit[name] <= hi
+        why = fit["bootstrap"]["undefined"].get(name)
+        if why is None:
+            assert 0 < lo <= fit[name] <= hi
+        else:  # three runs may leave an end unresolved: said so, with no made-up number
+            assert lo is None and hi is None
+            assert why.startswith("undefined: not resolved by these runs")
     # and the CSV loads through the library's own reader
     from gradstats.critical import load_runs
 
@@ -86,15 +92,57 @@ def test_runs_and_b_simple_are_consistent(quick):
 
 
 def test_deterministic_given_seed():
-    from gradstats.demo import load_data
-    from gradstats.sweep import QUICK, search_lr
+    from gradstats.apps.data import load_digits
+    from gradstats.apps.sweep import QUICK, search_lr
 
-    data = load_data(QUICK.seed)
+    data = load_digits(QUICK.seed)
     runs = [search_lr(data, QUICK, 32) for _ in range(2)]
     (best_a, tried_a), (best_b, tried_b) = runs
     assert replace(best_a, wall_s=0.0) == replace(best_b, wall_s=0.0)
     assert [replace(t, wall_s=0.0) for t in tried_a] == [replace(t, wall_s=0.0) for t in tried_b]
     assert len(tried_a) >= QUICK.lr_candidates
+
+
+def test_report_explains_the_intervals_with_units(quick):
+    """The bootstrap counts in the report add up (every resample has a fit; those without a
+    positive B_crit are counted by cause), and the text gives each number its unit and each
+    interval either two positive ends or the reason it is undefined."""
+    from gradstats.apps.critical_batch import format_result
+
+    _, rows, result = quick
+    boot, fit = result["fit"]["bootstrap"], result["fit"]
+    assert boot["resamples"] == fit["n_boot"] == result["config"]["n_boot"]
+    assert boot["usable"] <= boot["resamples"]
+    bad = boot["resamples"] - boot["usable"]
+    assert bad <= boot["s_min_nonpositive"] + boot["e_min_nonpositive"] <= 2 * bad
+    text = format_result(result)
+    flat = " ".join(text.split())  # the explanation is wrapped
+    assert f"{boot['resamples']} resamples of the {len(rows)} runs" in flat
+    assert f"{boot['usable']} of the {boot['resamples']} resamples give a positive" in flat
+    for name, unit in (("S_min", "steps"), ("E_min", "examples"),
+                       ("B_crit = E_min/S_min", "examples")):
+        m = re.search(re.escape(name) + rf" = ([0-9.e+]+) {unit}, 95% interval (.*)", flat)
+        assert m is not None, name
+        shown = re.match(rf"\[([0-9.e+]+), ([0-9.e+]+)\] {unit}", m.group(2))
+        if shown is None:
+            assert m.group(2).startswith("undefined: not resolved by these runs"), name
+        else:
+            assert 0 < float(shown.group(1)) <= float(shown.group(2)), name
+
+
+def test_plot_needs_matplotlib_before_the_sweep(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    import gradstats.apps.critical_batch as cb
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(cb, "run_sweep", lambda *a, **k: pytest.fail("swept anyway"))
+    assert main(["critical-batch", "--quick", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install 'gradstats[demo]'" in err and "--no-plot" in err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -1,22 +1,25 @@
 """``gradstats demo``: the gradient noise scale of a small MLP trained on scikit-learn's digits.
 
-A 64 -> 128 -> 128 -> 10 GELU MLP (plain ``nn.Linear`` layers) is trained with a mean
-cross-entropy loss on the 8x8 handwritten digits (1797 images, standardised with the training
-split's statistics, 20% held out) with a :class:`~gradstats.GradStatsMonitor` attached. Each
-step gives, in per-example loss units, the unbiased ``tr(Sigma)``, ``|G|^2`` and
-``B_simple = tr(Sigma)/|G|^2``, and their bias-corrected EMAs. A shuffled epoch draws each batch
-of ``b`` without replacement from the ``M`` training examples, so the monitor is given ``M`` and
-uses ``|G|^2 = |gbar|^2 - tr(Sigma) (1/b - 1/M)``.
+A 64 -> 128 -> 128 -> 10 GELU MLP (:func:`~gradstats.apps.models.make_mlp`) is trained with a
+mean cross-entropy loss on the 8x8 handwritten digits (:func:`~gradstats.apps.data.load_digits`)
+with a :class:`~gradstats.GradStatsMonitor` attached. Each step gives, in per-example loss
+units, the unbiased ``tr(Sigma)``, ``|G|^2`` and ``B_simple = tr(Sigma)/|G|^2`` (in examples),
+and their bias-corrected EMAs. A shuffled epoch draws each batch of ``b`` without replacement
+from the ``M`` training examples, so the monitor is given ``M`` and uses
+``|G|^2 = |gbar|^2 - tr(Sigma) (1/b - 1/M)``.
 
 The report reads ``B_simple`` as a stand-in for McCandlish et al.'s (2018) ``B_noise``: for SGD
 the best learning rate at batch ``B`` is ``eta*(B) = eta_max / (1 + B_noise/B)``, and reaching a
 given loss takes ``S = S_min (1 + B_noise/B)`` steps and ``E = E_min (1 + B/B_noise)`` examples.
+``B_simple`` grows as the loss falls, so the advice uses the progress-weighted value over the
+run, ``E_min/S_min`` from :func:`gradstats.critical.predict_from_b_simple` with the smoothed
+``B_simple`` of every step (what ``gradstats critical-batch`` compares with the measured
+critical batch size), and shows the final value beside it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import platform
 import statistics
@@ -24,49 +27,27 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UsageError, positive_float, positive_int
-from .monitor import GradStatsMonitor, StepStats
+from ..critical import NoiseScalePrediction, predict_from_b_simple
+from ..monitor import GradStatsMonitor, StepStats
+from ..scaling import examples_for_batch, sgd_optimal_lr, steps_for_batch
+from .common import (DEMO_EXTRA, ConfigError, UsageError, finite, interval, num, positive_float,
+                     positive_int, sig, unit_interval, wrap, write_json)
+from .data import Data, load_digits
+from .models import describe_mlp, make_mlp
+from .plot import RunLogWriter, plot_run, step_record
+from .plotting import require_matplotlib, save
 
-try:
-    from .scaling import examples_for_batch, sgd_optimal_lr, steps_for_batch
-except ImportError:  # pragma: no cover - scaling.py is optional here
-    def sgd_optimal_lr(eta_max: float, b_noise: float, batch_size: float) -> float:
-        return eta_max / (1.0 + b_noise / batch_size)
-
-    def steps_for_batch(s_min: float, b_noise: float, batch_size: float) -> float:
-        return s_min * (1.0 + b_noise / batch_size)
-
-    def examples_for_batch(e_min: float, b_noise: float, batch_size: float) -> float:
-        return e_min * (1.0 + batch_size / b_noise)
-
-__all__ = ["DemoConfig", "ConfigError", "MissingDependency", "Data", "load_data", "make_model",
-           "run_demo", "measure_step_times", "format_report", "format_timing", "save_plot",
-           "write_json", "add_arguments", "run_cli", "HELP"]
-
-HELP = ("train a small MLP on scikit-learn's handwritten digits with the monitor attached and "
-        "report the gradient noise scale B_simple and what it means for the batch size")
-INSTALL_HINT = "pip install 'gradstats[demo]'"
+__all__ = ["DemoConfig", "run_demo", "batch_advice", "measure_step_times", "format_report",
+           "format_timing", "add_arguments", "run_cli"]
 
 Mode = Literal["hooks", "fused", "off"]
 OnStep = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, "StepStats | None"], None]
-
-
-class ConfigError(ValueError):
-    """A :class:`DemoConfig` field out of range; ``field`` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field} {message}")
-        self.field, self.message = field, message
-
-
-class MissingDependency(ImportError):
-    """An optional dependency of the demo is not installed."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +66,8 @@ class DemoConfig:
     test_fraction: float = 0.2
 
     def check(self, n_train: int | None = None) -> None:
-        """Raises :class:`ConfigError` naming the first field out of range."""
+        """Raises :class:`~gradstats.apps.common.ConfigError` naming the first field out of
+        range."""
         if self.epochs < 1:
             raise ConfigError("epochs", f"must be >= 1, got {self.epochs}")
         if self.batch_size < 2:
@@ -110,44 +92,8 @@ class DemoConfig:
             raise ConfigError("test_fraction", f"must lie in (0, 1), got {self.test_fraction}")
 
 
-class Data(NamedTuple):
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-def load_data(seed: int = 0, test_fraction: float = 0.2) -> Data:
-    """The digits, split stratified, features standardised by the training split (float32)."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:
-        raise MissingDependency(f"gradstats demo needs scikit-learn: {INSTALL_HINT}") from e
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed,
-                                              stratify=y)
-    mean, std = x_tr.mean(0), x_tr.std(0)
-    std[std == 0] = 1.0
-
-    def f(a):
-        return torch.as_tensor((a - mean) / std, dtype=torch.float32)
-
-    def i(a):
-        return torch.as_tensor(a, dtype=torch.long)
-
-    return Data(f(x_tr), i(y_tr), f(x_te), i(y_te))
-
-
-def make_model(hidden: int = 128, seed: int = 0, in_features: int = 64,
-               classes: int = 10) -> nn.Sequential:
-    """``in -> hidden -> hidden -> classes`` with GELU, initialised from ``seed`` (the global
-    RNG is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(),
-                             nn.Linear(hidden, hidden), nn.GELU(),
-                             nn.Linear(hidden, classes))
+def _model(cfg: DemoConfig, data: Data) -> nn.Sequential:
+    return make_mlp(cfg.hidden, cfg.seed, data.x_train.shape[1], data.n_classes)
 
 
 def _optimizer(cfg: DemoConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -163,18 +109,6 @@ def _monitor(cfg: DemoConfig, model: nn.Module, n_train: int,
         return None
     return GradStatsMonitor(model, mode=mode, loss_reduction="mean", beta=cfg.beta,
                             dataset_size=n_train)
-
-
-def _f(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-def _record(st: StepStats) -> dict[str, Any]:
-    lo, hi = st.b_simple_interval
-    return {"tr_sigma": _f(st.tr_sigma), "g2": _f(st.g2), "b_simple": _f(st.b_simple),
-            "defined": st.defined, "tr_sigma_ema": _f(st.tr_sigma_ema), "g2_ema": _f(st.g2_ema),
-            "b_simple_ema": _f(st.b_simple_ema), "b_simple_stderr": _f(st.b_simple_stderr),
-            "b_simple_lo": _f(lo), "b_simple_hi": _f(hi)}
 
 
 class _Progress:
@@ -194,7 +128,7 @@ class _Progress:
     def update(self, step: int, epoch: int, loss: float, b: float | None) -> None:
         if not self.enabled:
             return
-        text = f"epoch {epoch}  loss {loss:.3f}  B_simple {_num(b)}"
+        text = f"epoch {epoch}  loss {loss:.3f}  B_simple {num(b)} examples"
         if self.bar is not None:
             self.bar.update(1)
             if step % 5 == 0 or step + 1 == self.total:
@@ -212,30 +146,38 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
+_SUMMARY = ("b_simple_ema", "b_simple_stderr", "b_simple_lo", "b_simple_hi", "tr_sigma_ema",
+            "g2_ema")
+
+
 def run_demo(config: DemoConfig | None = None, *, on_step: OnStep | None = None,
-             progress: bool = False, data: Data | None = None) -> dict[str, Any]:
+             progress: bool = False, data: Data | None = None,
+             log: str | None = None) -> dict[str, Any]:
     """Trains the demo model and returns the report (JSON-able).
 
-    ``on_step(step, model, x, y, stats)`` is called after ``monitor.step()`` and before the
-    optimizer step, so ``model`` still holds the parameters that produced ``stats`` from
-    batch ``(x, y)`` (``stats`` is None with ``mode="off"``).
+    ``report["history"]`` holds one run-log record per step (the format of
+    :mod:`gradstats.apps.plot`, plus ``epoch``, ``defined`` and ``b_simple_stderr``), and
+    ``log`` (a ``.jsonl`` or ``.csv`` path) receives the same records as training goes.
+    ``on_step(i, model, x, y, stats)`` (``i`` counts steps from 0) is called after
+    ``monitor.step()`` and before the optimizer step, so ``model`` still holds the parameters
+    that produced ``stats`` from batch ``(x, y)`` (``stats`` is None with ``mode="off"``).
     """
     cfg = config or DemoConfig()
     cfg.check()
-    data = data or load_data(cfg.seed, cfg.test_fraction)
+    data = data or load_digits(cfg.seed, cfg.test_fraction)
     n_train = len(data.y_train)
     cfg.check(n_train)
-    model = make_model(cfg.hidden, cfg.seed, data.x_train.shape[1], int(data.y_train.max()) + 1)
+    model = _model(cfg, data)
     opt = _optimizer(cfg, model)
     monitor = _monitor(cfg, model, n_train)
     gen = torch.Generator().manual_seed(cfg.seed)
-    per_epoch = math.ceil(n_train / cfg.batch_size)
-    bar = _Progress(cfg.epochs * per_epoch, progress)
+    bar = _Progress(cfg.epochs * math.ceil(n_train / cfg.batch_size), progress)
     pause = monitor.paused if monitor is not None else contextlib.nullcontext
+    writer = RunLogWriter(log) if log else None
     history: list[dict[str, Any]] = []
     epochs: list[dict[str, Any]] = []
     last: StepStats | None = None
-    loss_ema, step, t0 = math.nan, 0, time.perf_counter()
+    loss_ema, step, examples, t0 = math.nan, 0, 0, time.perf_counter()
     try:
         for epoch in range(1, cfg.epochs + 1):
             model.train()
@@ -244,18 +186,25 @@ def run_demo(config: DemoConfig | None = None, *, on_step: OnStep | None = None,
                 x, y = data.x_train[idx], data.y_train[idx]
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
-                rec: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss.item(),
-                                       "n": len(idx)}
+                examples += len(idx)
+                lr, value = opt.param_groups[0]["lr"], loss.item()
                 if monitor is not None:
                     last = monitor.step()
-                    rec.update(_record(last))
+                    rec = step_record(last, examples=examples, lr=lr, loss=value)
+                    rec.update(epoch=epoch, defined=last.defined,
+                               b_simple_stderr=finite(last.b_simple_stderr))
+                else:
+                    rec = {"step": step + 1, "examples": examples, "batch_size": len(idx),
+                           "lr": lr, "loss": value, "epoch": epoch}
                 if on_step is not None:
-                    on_step(step, model, x, y, last if monitor is not None else None)
+                    on_step(step, model, x, y, last)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 history.append(rec)
-                total_loss += rec["loss"] * len(idx)
-                loss_ema = rec["loss"] if step == 0 else 0.95 * loss_ema + 0.05 * rec["loss"]
+                if writer is not None:
+                    writer.write(rec)
+                total_loss += value * len(idx)
+                loss_ema = value if step == 0 else 0.95 * loss_ema + 0.05 * value
                 bar.update(step, epoch, loss_ema, rec.get("b_simple_ema"))
                 step += 1
             model.eval()
@@ -263,55 +212,65 @@ def run_demo(config: DemoConfig | None = None, *, on_step: OnStep | None = None,
                 acc = _accuracy(model, data.x_test, data.y_test)
             ep = {"epoch": epoch, "step": step, "train_loss": total_loss / n_train,
                   "test_accuracy": acc}
-            if history and "b_simple_ema" in history[-1]:
-                h = history[-1]
-                ep.update({k: h[k] for k in ("b_simple_ema", "b_simple_stderr", "b_simple_lo",
-                                             "b_simple_hi", "tr_sigma_ema", "g2_ema")})
+            if monitor is not None:
+                ep.update({k: history[-1][k] for k in _SUMMARY})
             epochs.append(ep)
     finally:
         bar.close()
+        if writer is not None:
+            writer.close()
         if monitor is not None:
             monitor.detach()
-    wall = time.perf_counter() - t0
-    sizes = [m.weight.shape for m in model if isinstance(m, nn.Linear)]
-    arch = "-".join([str(sizes[0][1])] + [str(s[0]) for s in sizes])
     report: dict[str, Any] = {
         "config": asdict(cfg),
-        "model": f"MLP {arch} (GELU)",
-        "data": {"name": "sklearn digits", "n_train": n_train, "n_test": len(data.y_test)},
+        "model": describe_mlp(model),
+        "data": {"name": data.name, "n_train": n_train, "n_test": len(data.y_test)},
         "steps": step,
-        "wall_s": wall,
+        "wall_s": time.perf_counter() - t0,
         "history": history,
         "epochs": epochs,
         "final": {"test_accuracy": epochs[-1]["test_accuracy"],
                   "n_correct": round(epochs[-1]["test_accuracy"] * len(data.y_test))},
     }
     if last is not None:
-        report["final"].update(_record(last))
+        h = history[-1]
+        report["final"].update({k: h[k] for k in ("tr_sigma", "g2", "b_simple", "defined")
+                                + _SUMMARY})
         shapes = {name: list(m.weight.shape) for name, m in model.named_modules()
                   if isinstance(m, nn.Linear)}
         report["layers"] = {
-            name: {"shape": shapes.get(name), "tr_sigma": _f(ls.tr_sigma_ema),
-                   "g2": _f(ls.g2_ema), "b_simple": _f(ls.b_simple_ema)}
+            name: {"shape": shapes.get(name), "tr_sigma": ls.tr_sigma_ema, "g2": ls.g2_ema,
+                   "b_simple": ls.b_simple_ema}
             for name, ls in last.layers.items()}
-        report["batch_advice"] = batch_advice(last.b_simple_ema, cfg.batch_size)
+        pw = predict_from_b_simple([r["b_simple_ema"] for r in history],
+                                   [r["batch_size"] for r in history])
+        report["b_simple_progress_weighted"] = _prediction_dict(pw)
+        report["batch_advice"] = batch_advice(pw.b_crit, cfg.batch_size)
     return report
 
 
-def batch_advice(b_simple: float, batch_size: int) -> dict[str, Any] | None:
+def _prediction_dict(p: NoiseScalePrediction) -> dict[str, Any]:
+    return {"b_simple": p.b_crit, "s_min": p.s_min, "e_min": p.e_min, "steps": p.steps,
+            "skipped_steps": p.skipped_steps,
+            "formula": p.FORMULA + "; B_simple_t = the monitor's smoothed value at step t"}
+
+
+def batch_advice(b_noise: float, batch_size: int) -> dict[str, Any] | None:
     """Relative SGD learning rate, steps and examples at a few batch sizes ``B``, with
-    ``B_noise ~ B_simple``: ``eta*/eta_max = 1/(1 + B_noise/B)``, ``S/S_min = 1 + B_noise/B``,
-    ``E/E_min = 1 + B/B_noise``, and ``eta*(B)/eta*(b)`` for the batch ``b`` used."""
-    if not (math.isfinite(b_simple) and b_simple > 0):
+    ``B_noise`` estimated by ``b_noise`` (the progress-weighted ``B_simple``):
+    ``eta*/eta_max = 1/(1 + B_noise/B)``, ``S/S_min = 1 + B_noise/B``, ``E/E_min = 1 + B/B_noise``,
+    and ``eta*(B)/eta*(b)`` for the batch ``b`` used. None when ``b_noise`` is undefined."""
+    if not (math.isfinite(b_noise) and b_noise > 0):
         return None
-    lo, hi = min(batch_size, b_simple) / 8, max(batch_size, b_simple) * 8
+    lo, hi = min(batch_size, b_noise) / 8, max(batch_size, b_noise) * 8
     sizes = sorted({batch_size} | {4 ** k for k in range(1, 12) if lo <= 4 ** k <= hi})
-    here = sgd_optimal_lr(1.0, b_simple, batch_size)
-    rows = [{"batch_size": b, "lr_fraction": sgd_optimal_lr(1.0, b_simple, b),
-             "steps_factor": steps_for_batch(1.0, b_simple, b),
-             "examples_factor": examples_for_batch(1.0, b_simple, b),
-             "lr_vs_current": sgd_optimal_lr(1.0, b_simple, b) / here} for b in sizes]
-    return {"b_noise_estimate": b_simple, "batch_size": batch_size, "rows": rows}
+    here = sgd_optimal_lr(1.0, b_noise, batch_size)
+    rows = [{"batch_size": b, "lr_fraction": sgd_optimal_lr(1.0, b_noise, b),
+             "steps_factor": steps_for_batch(1.0, b_noise, b),
+             "examples_factor": examples_for_batch(1.0, b_noise, b),
+             "lr_vs_current": sgd_optimal_lr(1.0, b_noise, b) / here} for b in sizes]
+    return {"b_noise_estimate": b_noise, "source": "B_simple, progress-weighted over the run",
+            "batch_size": batch_size, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -322,14 +281,13 @@ def measure_step_times(config: DemoConfig | None = None, steps: int = 200, warmu
     step in turn on the same batches (order rotated each step), so drift hits all alike."""
     cfg = config or DemoConfig()
     cfg.check()
-    data = data or load_data(cfg.seed, cfg.test_fraction)
+    data = data or load_digits(cfg.seed, cfg.test_fraction)
     n_train = len(data.y_train)
     cfg.check(n_train)
     modes = ("off", "hooks", "fused")
     runs = {}
     for mode in modes:
-        model = make_model(cfg.hidden, cfg.seed, data.x_train.shape[1],
-                           int(data.y_train.max()) + 1)
+        model = _model(cfg, data)
         runs[mode] = (model, _optimizer(cfg, model), _monitor(cfg, model, n_train, mode))
     gen = torch.Generator().manual_seed(cfg.seed)
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -366,22 +324,6 @@ def measure_step_times(config: DemoConfig | None = None, steps: int = 200, warmu
 
 
 # ----------------------------------------------------------------------------- output
-def _num(x: float | None, digits: int = 4) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:.{digits}g}"
-
-
-def _about(x: float) -> str:
-    """``x`` to two significant figures, without exponent notation."""
-    r = float(f"{x:.2g}")
-    return f"{r:.0f}" if r >= 10 else f"{r:g}"
-
-
-def _interval(lo: float | None, hi: float | None) -> str:
-    return "n/a" if lo is None or hi is None else f"[{_num(lo)}, {_num(hi)}]"
-
-
 def _checkpoints(n: int, k: int = 6) -> list[int]:
     if n <= k:
         return list(range(n))
@@ -395,71 +337,83 @@ def format_report(report: dict[str, Any]) -> str:
            else f"Adam lr {cfg['lr']:g}")
     d = report["data"]
     ep = f"{cfg['epochs']} epoch{'s' * (cfg['epochs'] != 1)}"
-    out = [f"gradstats demo: {report['model']}, {opt}, batch {cfg['batch_size']}, {ep} "
-           f"({report['steps']} steps), monitor {cfg['mode']}, {report['wall_s']:.1f} s",
+    out = [f"gradstats demo: {report['model']}, {opt}, batch {cfg['batch_size']} examples, "
+           f"{ep} ({report['steps']} steps), monitor {cfg['mode']}, {report['wall_s']:.1f} s",
            f"data: {d['name']}, {d['n_train']} training / {d['n_test']} held-out examples", ""]
     has_stats = "layers" in report
     if has_stats:
-        out.append(f"B_simple = tr(Sigma)/|G|^2 over training (EMA, beta={cfg['beta']:g}; "
-                   "95% interval)")
-    out.append(f"  {'epoch':>5} {'step':>6} {'train loss':>10} {'test acc':>8}"
+        out.append(f"B_simple = tr(Sigma)/|G|^2 over training, in examples (EMA, "
+                   f"beta={cfg['beta']:g}; 95% interval)")
+    out.append(f"  {'epoch':>5} {'steps':>6} {'train loss':>10} {'test acc':>8}"
                + (f" {'B_simple':>9}  95% interval" if has_stats else ""))
     for i in _checkpoints(len(report["epochs"])):
         e = report["epochs"][i]
         line = (f"  {e['epoch']:>5} {e['step']:>6} {e['train_loss']:>10.4f} "
                 f"{100 * e['test_accuracy']:>7.1f}%")
         if has_stats:
-            ci = _interval(e["b_simple_lo"], e["b_simple_hi"])
-            line += f" {_num(e['b_simple_ema']):>9}  {ci}"
+            line += f" {num(e['b_simple_ema']):>9}  {interval(e['b_simple_lo'], e['b_simple_hi'])}"
         out.append(line)
     f = report["final"]
     if has_stats:
-        out += ["", "per layer at the end (EMA, per-example loss units)",
+        out += ["", "per layer at the end (EMA; tr(Sigma) and |G|^2 in per-example loss units, "
+                    "B_simple in examples)",
                 f"  {'layer':<18} {'tr(Sigma)':>11} {'|G|^2':>11} {'B_simple':>9}"]
         for name, ls in report["layers"].items():
             label = f"{name} ({'x'.join(map(str, ls['shape']))})" if ls["shape"] else name
-            out.append(f"  {label:<18} {_num(ls['tr_sigma']):>11} {_num(ls['g2']):>11} "
-                       f"{_num(ls['b_simple']):>9}")
-        out.append(f"  {'whole model':<18} {_num(f['tr_sigma_ema']):>11} "
-                   f"{_num(f['g2_ema']):>11} {_num(f['b_simple_ema']):>9}")
+            out.append(f"  {label:<18} {num(ls['tr_sigma']):>11} {num(ls['g2']):>11} "
+                       f"{num(ls['b_simple']):>9}")
+        out.append(f"  {'whole model':<18} {num(f['tr_sigma_ema']):>11} "
+                   f"{num(f['g2_ema']):>11} {num(f['b_simple_ema']):>9}")
     out += ["", f"final held-out accuracy: {100 * f['test_accuracy']:.1f}% "
                 f"({f['n_correct']}/{d['n_test']})"]
     if has_stats:
-        out += [""] + _advice_lines(report.get("batch_advice"), f)
+        out += [""] + _advice_lines(report.get("batch_advice"),
+                                    report["b_simple_progress_weighted"], f)
     return "\n".join(out)
 
 
-def _advice_lines(adv: dict[str, Any] | None, final: dict[str, Any]) -> list[str]:
+def _advice_lines(adv: dict[str, Any] | None, pw: dict[str, Any],
+                  final: dict[str, Any]) -> list[str]:
+    end = (f"B_simple at the end of training: {sig(final['b_simple_ema'])} examples (95% "
+           f"interval {interval(final['b_simple_lo'], final['b_simple_hi'])})")
     if adv is None:
-        return ["B_simple is undefined at the end of training (the smoothed |G|^2 estimate is "
-                "<= 0: the gradient is lost in the noise), so it gives no batch-size advice."]
+        return wrap("B_simple is undefined over the whole run (the smoothed |G|^2 estimate "
+                    "stayed <= 0: the gradient is lost in the noise), so it gives no batch-size "
+                    "advice. " + end, "", "")
     x, b = adv["b_noise_estimate"], adv["batch_size"]
-    lines = [
-        "what it implies for the batch size",
-        f"  measured B_simple ~ {_num(x, 3)} (95% interval "
-        f"{_interval(final['b_simple_lo'], final['b_simple_hi'])}); this run used batch {b}.",
-        f"  Batch sizes well below ~{_about(x)} are noise-dominated: doubling the batch nearly "
-        "halves the steps, so the learning rate can scale almost linearly with it.",
-        f"  Far above ~{_about(x)} the step count stops falling and the extra examples are "
-        "wasted. Near it, training takes 2x the minimum steps and 2x the minimum examples.",
-        "  SGD: eta*(B) = eta_max / (1 + B_noise/B), with B_simple standing in for B_noise:",
-        f"  {'batch':>7} {'eta*/eta_max':>12} {'steps/S_min':>11} {'examples/E_min':>14} "
-        f"{f'eta* vs B={b}':>14}",
-    ]
+    lines = ["what it implies for the batch size",
+             f"  B_simple, progress-weighted over the run: {sig(x)} examples (used below)"]
+    lines += wrap(f"= E_min/S_min, with S_min = sum_t 1/(1 + B_simple_t/B) = "
+                  f"{sig(pw['s_min'])} steps and E_min = sum_t B_simple_t/(1 + "
+                  f"B_simple_t/B) = {sig(pw['e_min'])} examples over the run's "
+                  f"{pw['steps']:.0f} steps (B_simple_t the smoothed value at step t, B the "
+                  "batch): what predicts the critical batch size B_crit.", "    ", "    ")
+    lines += wrap(end + "; it grows as the loss falls, so the final value overstates what the "
+                  "run needed.", "  ", "    ")
+    lines += wrap(f"This run used batch {b} examples. Batch sizes well below ~{sig(x, 2)} "
+                  "examples are noise-dominated: doubling the batch nearly halves the steps, so "
+                  f"the learning rate can scale almost linearly with it. Far above ~{sig(x, 2)} "
+                  "examples the step count stops falling and the extra examples are wasted. "
+                  "Near it, training takes 2x the minimum steps and 2x the minimum examples.",
+                  "  ", "  ")
+    lines += ["  SGD: eta*(B) = eta_max / (1 + B_noise/B), with the progress-weighted B_simple "
+              "for B_noise:",
+              f"  {'batch (examples)':>16} {'eta*/eta_max':>12} {'steps/S_min':>11} "
+              f"{'examples/E_min':>14} {f'eta* vs B={b}':>14}"]
     for r in adv["rows"]:
         mark = "  <- this run" if r["batch_size"] == b else ""
-        lines.append(f"  {r['batch_size']:>7} {r['lr_fraction']:>12.3f} {r['steps_factor']:>11.3g}"
-                     f" {r['examples_factor']:>14.3g} {r['lr_vs_current']:>13.3g}x{mark}")
-    lines.append("  B_simple equals B_noise only when the Hessian is a multiple of the identity, "
-                 "and it grows as the loss falls: read it as a scale, not a digit.")
-    return lines
+        lines.append(f"  {r['batch_size']:>16} {r['lr_fraction']:>12.3f} "
+                     f"{r['steps_factor']:>11.3g} {r['examples_factor']:>14.3g} "
+                     f"{r['lr_vs_current']:>13.3g}x{mark}")
+    return lines + wrap("B_simple equals B_noise only when the Hessian is a multiple of the "
+                        "identity: read it as a scale, not a digit.", "  ", "  ")
 
 
 def format_timing(t: dict[str, Any]) -> str:
     """Side-by-side step times (median and quartiles) and their ratio to the monitor off."""
     out = [f"step time (forward + backward + monitor.step + optimizer step), median of "
-           f"{t['steps']} steps after {t['warmup']} warm-up; batch {t['batch_size']}, "
-           f"hidden {t['hidden']}, {t['optimizer']}",
+           f"{t['steps']} steps after {t['warmup']} warm-up steps; batch {t['batch_size']} "
+           f"examples, hidden {t['hidden']}, {t['optimizer']}",
            f"{t['device']}, {t['threads']} threads, torch {t['torch']}",
            f"  {'monitor':<8} {'median':>10} {'quartiles':>19} {'vs off':>7}"]
     for m, v in t["median_ms"].items():
@@ -469,79 +423,7 @@ def format_timing(t: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(obj: dict[str, Any], path: str) -> None:
-    """Strict JSON (non-finite floats become null)."""
-    with open(path, "w") as fh:
-        json.dump(_finite(obj), fh, indent=1, allow_nan=False)
-        fh.write("\n")
-
-
-def save_plot(report: dict[str, Any], path: str) -> str | None:
-    """PNG of per-step B_simple, its EMA with the 95% band, and the loss; returns why it was
-    skipped, or None when written."""
-    if "layers" not in report:
-        return "no B_simple to plot with --mode off"
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return "matplotlib is not installed (pip install 'gradstats[plot]'): no plot written"
-    h = report["history"]
-    step = [r["step"] for r in h]
-    fig = Figure(figsize=(8, 6), tight_layout=True)
-    FigureCanvasAgg(fig)
-    ax, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    pts = [(r["step"], r["b_simple"]) for r in h if r["b_simple"] is not None and r["b_simple"] > 0]
-    ema = [(r["step"], r["b_simple_ema"]) for r in h if r["b_simple_ema"] is not None]
-    seen = sorted([b for _, b in pts])
-    ends = [b for _, b in ema if b > 0]
-    if seen:
-        ends += [seen[len(seen) // 20], seen[-1 - len(seen) // 20]]
-    ymin, ymax = (min(ends) / 2, max(ends) * 2) if ends else (1e-3, 1e6)
-    if pts:
-        ax.scatter(*zip(*pts), s=3, alpha=0.25, color="tab:gray", label="per step")
-    band = [(r["step"], r["b_simple_lo"], r["b_simple_hi"]) for r in h
-            if r["b_simple_lo"] is not None]
-    if band:
-        s, lo, hi = zip(*band)
-        ax.fill_between(s, [max(v, ymin) for v in lo], [min(v, ymax) for v in hi],
-                        color="tab:blue", alpha=0.2, label="95% interval (EMA)")
-    if ema:
-        ax.plot(*zip(*ema), color="tab:blue", label="EMA")
-    ax.set_yscale("log")
-    ax.set_ylim(ymin, ymax)
-    ax.set_ylabel("B_simple = tr(Sigma)/|G|^2")
-    ax.set_title(f"gradstats demo: {report['model']}, batch {report['config']['batch_size']}")
-    ax.legend(loc="best")
-    ax2.plot(step, [r["loss"] for r in h], color="tab:red", lw=0.8)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("training loss")
-    ax2.set_xlabel("step")
-    fig.savefig(path, dpi=120)
-    return None
-
-
 # ----------------------------------------------------------------------------- command line
-def _unit_interval(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not (0.0 <= v < 1.0):
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     p.add_argument("--epochs", type=positive_int, default=d.epochs,
@@ -555,12 +437,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="split, init and shuffling seed")
     p.add_argument("--mode", choices=("hooks", "fused", "off"), default=d.mode,
                    help=f"monitor mode, or off (default {d.mode})")
-    p.add_argument("--beta", type=_unit_interval, default=d.beta,
+    p.add_argument("--beta", type=unit_interval, default=d.beta,
                    help=f"EMA factor of the smoothed statistics (default {d.beta})")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="write the report and per-step history")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG of B_simple over steps")
+    p.add_argument("--log", metavar="F.jsonl",
+                   help="write the run log, one line per step (.jsonl, or .csv), for "
+                        "`gradstats plot F.jsonl`")
+    p.add_argument("--plot", metavar="F.png",
+                   help=f"write the run's figure, as `gradstats plot` draws it (needs "
+                        f"matplotlib: {DEMO_EXTRA})")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no report")
     p.add_argument("--timing", action="store_true",
                    help="instead of training, time one step with the monitor off, in hooks "
@@ -573,15 +460,15 @@ def run_cli(args: argparse.Namespace) -> int:
     """``gradstats demo``."""
     cfg = DemoConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      optimizer=args.optimizer, seed=args.seed, mode=args.mode, beta=args.beta)
-    try:
-        cfg.check()
-        data = load_data(cfg.seed, cfg.test_fraction)
-        cfg.check(len(data.y_train))
-    except MissingDependency as e:
-        print(f"gradstats demo: {e}", file=sys.stderr)
-        return 1
-    except ConfigError as e:
-        raise UsageError(f"argument --{e.field.replace('_', '-')}: {e.message}") from None
+    for flag, value in (("--plot", args.plot), ("--log", args.log)):
+        if value and cfg.mode == "off" and not args.timing:
+            raise UsageError(f"argument {flag}: there is no B_simple with --mode off; use "
+                             "--mode fused or --mode hooks")
+    cfg.check()
+    if args.plot and not args.timing:
+        require_matplotlib("--plot", DEMO_EXTRA)
+    data = load_digits(cfg.seed, cfg.test_fraction)
+    cfg.check(len(data.y_train))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.timing:
@@ -591,15 +478,16 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.json:
             write_json({"config": asdict(cfg), "timing": result}, args.json)
         return 0
-    report = run_demo(cfg, progress=not args.quiet, data=data)
+    report = run_demo(cfg, progress=not args.quiet, data=data, log=args.log)
     if not args.quiet:
         print(format_report(report))
     if args.json:
         write_json(report, args.json)
     if args.plot:
-        why = save_plot(report, args.plot)
-        if why is not None:
-            print(f"gradstats demo: {why}", file=sys.stderr)
-        elif not args.quiet:
-            print(f"plot written to {args.plot}")
+        title = f"gradstats demo: {report['model']}, batch {cfg.batch_size} examples"
+        save(plot_run(report["history"], title), args.plot)
+    if not args.quiet:
+        for what, path in (("run log", args.log), ("plot", args.plot)):
+            if path:
+                print(f"{what} written to {path}")
     return 0

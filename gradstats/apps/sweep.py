@@ -1,4 +1,5 @@
-"""``gradstats critical-batch``: the critical batch size of the demo model, measured by a sweep.
+"""The batch-size sweep behind ``gradstats critical-batch`` (:mod:`.critical_batch`): training
+to a target loss, the learning-rate search, and the noise scale of one reference run.
 
 McCandlish et al. (2018): train at several batch sizes ``B``, each with its own best learning
 rate, until a fixed target; record the steps ``S`` and examples ``E = B S`` it took. The runs lie
@@ -8,8 +9,8 @@ examples are wasted. For SGD the theory says ``B_crit ~ B_noise``, which the mon
 ``B_simple = tr(Sigma)/|G|^2`` stands in for, so the sweep also measures ``B_simple`` during one
 reference run and reports the two side by side.
 
-What is trained: the demo's MLP (:func:`gradstats.demo.make_model`) on the digits
-(:func:`gradstats.demo.load_data`), plain SGD (no momentum, as in the theory), mean
+What is trained: the demo's MLP (:func:`gradstats.apps.models.make_mlp`) on the digits
+(:func:`gradstats.apps.data.load_digits`), plain SGD (no momentum, as in the theory), mean
 cross-entropy. Each (batch size, learning rate) is trained a few times (``repeats``), repeat
 ``r`` always with the same initialisation and the same shuffled data order, whatever the batch
 size and learning rate (shuffled epochs, the last partial batch dropped so every step has exactly
@@ -32,39 +33,31 @@ are unchanged), giving the online reading -- the EMA at the target and the run a
 parameters of every step are also saved and ``B_simple`` of the whole training split computed at
 each (exact: no sampling noise). Applying McCandlish et al.'s model step by step to that
 trajectory predicts ``S_min``, ``E_min`` and ``B_crit`` from the one run
-(:func:`predict_from_b_simple`), which the report puts beside the sweep's fit.
+(:func:`gradstats.critical.predict_from_b_simple`: the progress-weighted ``B_simple``), which the
+report puts beside the sweep's fit.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
 import math
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .cli import UsageError, positive_float, positive_int
-from .critical import CriticalBatchFit, fit_critical_batch
-from .demo import ConfigError, Data, MissingDependency, load_data, make_model, write_json
-from .monitor import GradStatsMonitor
-from .scaling import sgd_optimal_lr
+from ..critical import CriticalBatchFit, fit_critical_batch, predict_from_b_simple
+from ..monitor import GradStatsMonitor
+from ..scaling import sgd_optimal_lr
+from .common import ConfigError, ratio
+from .data import Data, load_digits
+from .models import make_mlp
 
-__all__ = ["HELP", "SweepConfig", "QUICK", "SweepError", "RunResult", "Trial",
-           "train_to_target", "search_lr", "whole_split_b_simple", "predict_from_b_simple",
-           "run_sweep", "format_result", "write_runs_csv", "save_outputs", "save_plot",
-           "add_arguments", "config_from_args", "run_cli"]
-
-HELP = ("measure the critical batch size B_crit = E_min/S_min of the demo model by training to a "
-        "target loss at several batch sizes (each with its best learning rate), and compare it "
-        "with the measured gradient noise scale B_simple")
+__all__ = ["SweepConfig", "QUICK", "SweepError", "RunResult", "Trial", "train_to_target",
+           "search_lr", "whole_split_b_simple", "run_sweep"]
 
 Log = Callable[[str], None]
 
@@ -111,7 +104,8 @@ class SweepConfig:
     test_fraction: float = 0.2
 
     def check(self, n_train: int | None = None) -> None:
-        """Raises :class:`~gradstats.demo.ConfigError` naming the first field out of range."""
+        """Raises :class:`~gradstats.apps.common.ConfigError` naming the first field out of
+        range."""
         b = self.batch_sizes
         if len(b) < 2 or len(set(b)) != len(b):
             raise ConfigError("batch_sizes", f"must be at least two distinct sizes, got {list(b)}")
@@ -232,7 +226,7 @@ def train_to_target(data: Data, batch_size: int, lr: float, target: float, *, se
     at step 0 and after every optimizer step with the training-split loss at that point."""
     x_all, y_all = data.x_train, data.y_train
     n = len(y_all)
-    model = make_model(hidden, seed, x_all.shape[1], _classes(data))
+    model = make_mlp(hidden, seed, x_all.shape[1], data.n_classes)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
     gen = torch.Generator().manual_seed(seed)
     mon = monitor(model) if monitor is not None else None
@@ -368,7 +362,7 @@ def whole_split_b_simple(data: Data, states: Sequence[tuple[int, float, dict]], 
     monitor (``dataset_size=M``), so ``|G|^2`` is the exact full-batch gradient norm and
     ``tr(Sigma)`` the unbiased per-example variance over the split -- no sampling noise."""
     x_all, y_all = data.x_train, data.y_train
-    model = make_model(hidden, seed, x_all.shape[1], _classes(data))
+    model = make_mlp(hidden, seed, x_all.shape[1], data.n_classes)
     out = []
     mon = GradStatsMonitor(model, mode="hooks", loss_reduction="mean", beta=0.0,
                            dataset_size=len(y_all), seed=seed)
@@ -391,17 +385,23 @@ def _online_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     last = history[-1]
     tr = [h["tr_sigma"] for h in history if math.isfinite(h["tr_sigma"])]
     g2 = [h["g2"] for h in history if math.isfinite(h["g2"])]
-    avg = _ratio(sum(tr) / len(tr), sum(g2) / len(g2)) if tr and g2 else math.nan
+    avg = ratio(sum(tr) / len(tr), sum(g2) / len(g2)) if tr and g2 else math.nan
     return {"at_target": last["b_simple_ema"],
             "at_target_interval": [last["b_simple_lo"], last["b_simple_hi"]],
             "run_average": avg}
 
 
 def _fit_dict(fit: CriticalBatchFit) -> dict[str, Any]:
+    boot = fit.bootstrap
     return {"s_min": fit.s_min, "e_min": fit.e_min, "b_crit": fit.b_crit,
             "s_min_ci": list(fit.s_min_ci), "e_min_ci": list(fit.e_min_ci),
             "b_crit_ci": list(fit.b_crit_ci), "confidence": fit.confidence,
             "n_boot": fit.n_boot, "relative": True,
+            "bootstrap": {"resamples": boot.resamples, "redrawn": boot.redrawn,
+                          "usable": boot.usable, "s_min_nonpositive": boot.s_min_nonpositive,
+                          "e_min_nonpositive": boot.e_min_nonpositive,
+                          "max_beyond": boot.max_beyond, "undefined": dict(boot.undefined),
+                          "explanation": fit.describe_intervals()},
             "model": "S = S_min + E_min/B: least squares in x = 1/B with weights 1/S^2 "
                      "(gradstats.critical.fit_critical_batch), one point per run"}
 
@@ -439,40 +439,23 @@ def _reference_run(data: Data, cfg: SweepConfig, batch_size: int, lr: float,
             "online": _online_summary(history),
             "whole_split": {"at_target": whole[-1]["b_simple"],
                             "at_start": whole[0]["b_simple"],
-                            "run_average": _ratio(sum(tr) / len(tr), sum(g2) / len(g2)),
+                            "run_average": ratio(sum(tr) / len(tr), sum(g2) / len(g2)),
                             "points": len(whole), "stride": stride},
-            "predicted": predict_from_b_simple(whole, batch_size, res.steps),
+            "predicted": _predict(whole, batch_size, res.steps),
             "history": history, "whole_split_history": whole}
 
 
-def predict_from_b_simple(points: Sequence[dict[str, Any]], batch_size: int,
-                          steps: int) -> dict[str, Any]:
-    """``S_min``, ``E_min`` and ``B_crit`` that McCandlish et al.'s model predicts from the noise
-    scale measured along one run, with ``B_simple`` standing in for ``B_noise``.
-
-    A step at batch ``B`` taken where the noise scale is ``b`` makes the progress of
-    ``1/(1 + b/B)`` steps at an unlimited batch, and at a vanishing batch that progress costs
-    ``b`` examples per step-of-progress, so over the run's steps ``t = 1..S`` (``b_t`` at the
-    parameters step ``t`` starts from)::
-
-        S_min = sum_t 1/(1 + b_t/B),    E_min = sum_t b_t/(1 + b_t/B),    B_crit = E_min/S_min
-
-    -- a progress-weighted average of the noise scale. ``points`` are ``{"step", "b_simple"}``
-    at steps ``0, k, 2k, ...``; each stands for the steps up to the next point (or ``steps``).
-    """
+def _predict(points: Sequence[dict[str, Any]], batch_size: int, steps: int) -> dict[str, Any]:
+    """:func:`gradstats.critical.predict_from_b_simple` over the reference run: ``points`` are
+    ``{"step", "b_simple"}`` at steps ``0, k, 2k, ...`` (``b_simple`` at the parameters those
+    steps start from), each standing for the steps up to the next point (or ``steps``)."""
     pts = [p for p in points if p["step"] < steps]
-    s_min = e_min = 0.0
-    for i, p in enumerate(pts):
-        span = (pts[i + 1]["step"] if i + 1 < len(pts) else steps) - p["step"]
-        b = p["b_simple"]
-        if b is None or not (math.isfinite(b) and b > 0):
-            continue
-        w = span / (1.0 + b / batch_size)
-        s_min += w
-        e_min += w * b
-    return {"s_min": s_min, "e_min": e_min, "b_crit": _ratio(e_min, s_min),
-            "formula": "S_min = sum_t 1/(1 + B_simple_t/B), E_min = sum_t B_simple_t/(1 + "
-                       "B_simple_t/B) over the reference run's steps"}
+    ends = [p["step"] for p in pts[1:]] + [steps]
+    pred = predict_from_b_simple([p["b_simple"] for p in pts], batch_size,
+                                 span=[e - p["step"] for p, e in zip(pts, ends)])
+    return {"s_min": pred.s_min, "e_min": pred.e_min, "b_crit": pred.b_crit,
+            "formula": pred.FORMULA + " (the reference run; B_simple_t of the whole training "
+                                      "split)"}
 
 
 def run_sweep(cfg: SweepConfig | None = None, *, data: Data | None = None,
@@ -483,13 +466,13 @@ def run_sweep(cfg: SweepConfig | None = None, *, data: Data | None = None,
     when the fit finds no trade-off (``S_min`` or ``E_min`` <= 0)."""
     cfg = cfg or SweepConfig()
     cfg.check()
-    data = data or load_data(cfg.seed, cfg.test_fraction)
+    data = data or load_digits(cfg.seed, cfg.test_fraction)
     n_train = len(data.y_train)
     cfg.check(n_train)
     t0 = time.perf_counter()
     with _num_threads(cfg.threads):
-        init = max(_loss(make_model(cfg.hidden, _repeat_seed(cfg.seed, r), data.x_train.shape[1],
-                                    _classes(data)), data.x_train, data.y_train)
+        init = max(_loss(make_mlp(cfg.hidden, _repeat_seed(cfg.seed, r), data.x_train.shape[1],
+                                    data.n_classes), data.x_train, data.y_train)
                    for r in range(cfg.repeats))
         if cfg.target_loss >= init:
             raise ConfigError("target_loss", f"must be below the initial training loss "
@@ -519,9 +502,9 @@ def run_sweep(cfg: SweepConfig | None = None, *, data: Data | None = None,
         b_simple = _reference_run(data, cfg, ref["batch_size"], ref["lr"], ref["steps"][0])
     return {
         "config": asdict(cfg),
-        "model": f"MLP {data.x_train.shape[1]}-{cfg.hidden}-{cfg.hidden}-{_classes(data)} "
+        "model": f"MLP {data.x_train.shape[1]}-{cfg.hidden}-{cfg.hidden}-{data.n_classes} "
                  "(GELU), plain SGD, mean cross-entropy",
-        "data": {"name": "sklearn digits", "n_train": n_train, "n_test": len(data.y_test)},
+        "data": {"name": data.name, "n_train": n_train, "n_test": len(data.y_test)},
         "target": f"training-split cross-entropy <= {cfg.target_loss:g}, checked every step",
         "initial_loss": init,
         "batch_sizes": sizes,
@@ -536,262 +519,3 @@ def run_sweep(cfg: SweepConfig | None = None, *, data: Data | None = None,
     }
 
 
-# ----------------------------------------------------------------------------- output
-def _num(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
-
-
-def _ci(ci: Sequence[float | None]) -> str:
-    return f"[{_num(ci[0])}, {_num(ci[1])}]"
-
-
-def _ratio(a: float | None, b: float | None) -> float:
-    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b == 0:
-        return math.nan
-    return a / b
-
-
-def format_result(result: dict[str, Any]) -> str:
-    """The terminal report: per-batch table, fit with intervals, B_simple beside B_crit."""
-    f, bs, cfg = result["fit"], result["b_simple"], result["config"]
-    on, whole, pred = bs["online"], bs["whole_split"], bs["predicted"]
-    pct = f"{100 * f['confidence']:g}%"
-    rep = cfg["repeats"]
-    out = [f"gradstats critical-batch: {result['model']}",
-           f"data: {result['data']['name']}, {result['data']['n_train']} training examples; "
-           f"target: {result['target']}; {rep} run{'s' * (rep != 1)} per batch size "
-           "(data orders and initialisations)",
-           "",
-           f"  {'batch':>6} {'best lr':>9} {'steps':>8} {'examples':>9} {'lrs tried':>9}  "
-           "steps per run"]
-    for r in result["batch_sizes"]:
-        edge = "  (best lr at the grid's end)" if r["lr_at_grid_edge"] else ""
-        out.append(f"  {r['batch_size']:>6} {r['lr']:>9.4g} {r['mean_steps']:>8.1f} "
-                   f"{r['mean_examples']:>9.0f} {r['lrs_tried']:>9}  "
-                   f"{' '.join(map(str, r['steps']))}{edge}")
-    out += ["",
-            f"fit (S/S_min - 1)(E/E_min - 1) = 1 over {len(result['runs'])} runs, {pct} "
-            f"bootstrap intervals ({f['n_boot']} resamples):",
-            f"  S_min  = {_num(f['s_min'])} steps     {_ci(f['s_min_ci'])}",
-            f"  E_min  = {_num(f['e_min'])} examples  {_ci(f['e_min_ci'])}",
-            f"  B_crit = E_min/S_min = {_num(f['b_crit'])}  {_ci(f['b_crit_ci'])}",
-            "",
-            f"B_simple = tr(Sigma)/|G|^2 during the reference run (batch {bs['batch_size']}, "
-            f"lr {bs['lr']:.4g}, {bs['steps']} steps):",
-            f"  monitor, online, at the target (EMA, beta {bs['beta']:g}): "
-            f"{_num(on['at_target'])}  95% interval {_ci(on['at_target_interval'])}",
-            f"  monitor, online, run average (mean tr(Sigma) / mean |G|^2): "
-            f"{_num(on['run_average'])}",
-            f"  whole training split (exact), at the start {_num(whole['at_start'])}, at the "
-            f"target {_num(whole['at_target'])}, run average {_num(whole['run_average'])}",
-            "  the model step by step (S_min = sum 1/(1 + B_simple/B), E_min = sum "
-            "B_simple/(1 + B_simple/B)):",
-            f"    S_min {_num(pred['s_min'])}, E_min {_num(pred['e_min'])}, "
-            f"B_crit {_num(pred['b_crit'])}   (fit: {_num(f['b_crit'])}, ratio fit/predicted "
-            f"{_num(_ratio(f['b_crit'], pred['b_crit']), 3)})",
-            "",
-            f"wall time {result['wall_s']:.1f} s ({result['device']}, {result['threads']} "
-            f"thread{'s' * (result['threads'] != 1)}, torch {result['torch']})"]
-    if not bs["same_steps_as_sweep"]:
-        out.append("warning: the monitored reference run did not reach the target at the same "
-                   "step as the sweep's run")
-    return "\n".join(out)
-
-
-def write_runs_csv(result: dict[str, Any], path: str | Path) -> None:
-    """One row per run (each batch size's best learning rate, each repeat): batch_size, steps,
-    examples, lr, repeat -- readable by :func:`gradstats.critical.load_runs`."""
-    with Path(path).open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["batch_size", "steps", "examples", "lr", "repeat"])
-        w.writeheader()
-        for r in result["runs"]:
-            w.writerow({"batch_size": r["batch_size"], "steps": r["steps"],
-                        "examples": r["examples"], "lr": repr(float(r["lr"])),
-                        "repeat": r["repeat"]})
-
-
-def save_outputs(result: dict[str, Any], out: str | Path, plot: bool = True) -> list[str]:
-    """Writes ``runs.csv``, ``result.json`` and (with matplotlib) ``critical_batch.png`` under
-    ``out``; returns the messages to show (what was written, or why the plot was skipped)."""
-    d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
-    write_runs_csv(result, d / "runs.csv")
-    write_json(result, str(d / "result.json"))
-    msgs = [f"wrote {d / 'runs.csv'} and {d / 'result.json'}"]
-    if plot:
-        why = save_plot(result, d / "critical_batch.png")
-        msgs.append(f"wrote {d / 'critical_batch.png'}" if why is None else why)
-    return msgs
-
-
-def save_plot(result: dict[str, Any], path: str | Path) -> str | None:
-    """S against E (log-log) with the fitted hyperbola and its asymptotes, and B_simple over
-    the reference run beside B_crit; returns why it was skipped, or None when written."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return "matplotlib is not installed (pip install 'gradstats[plot]'): no plot written"
-    f, runs, bs = result["fit"], result["runs"], result["b_simple"]
-    s_min, e_min, b_crit = f["s_min"], f["e_min"], f["b_crit"]
-    fig = Figure(figsize=(12, 5), tight_layout=True)
-    FigureCanvasAgg(fig)
-    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    sizes = [r["batch_size"] for r in result["batch_sizes"]]
-    lo_b, hi_b = min(sizes) / 4, max(sizes) * 4
-    grid = [lo_b * (hi_b / lo_b) ** (i / 199) for i in range(200)]
-    ax.plot([b * s_min + e_min for b in grid], [s_min + e_min / b for b in grid],
-            color="tab:blue", label="fit: (S/S_min - 1)(E/E_min - 1) = 1")
-    ax.axhline(s_min, color="tab:blue", ls=":", lw=0.8)
-    ax.axvline(e_min, color="tab:blue", ls=":", lw=0.8)
-    ax.scatter([r["examples"] for r in runs], [r["steps"] for r in runs], s=12, color="tab:red",
-               alpha=0.5, zorder=3, label="runs (best lr per batch size)")
-    ax.scatter([r["mean_examples"] for r in result["batch_sizes"]],
-               [r["mean_steps"] for r in result["batch_sizes"]], marker="_", s=200,
-               color="tab:red", zorder=3, label="mean per batch size")
-    for r in result["batch_sizes"]:
-        ax.annotate(f"B={r['batch_size']}", (r["mean_examples"], r["mean_steps"]), fontsize=8,
-                    xytext=(5, 4), textcoords="offset points")
-    ax.scatter([2 * e_min], [2 * s_min], marker="*", s=160, color="tab:green", zorder=4,
-               label=f"B = B_crit = {_num(b_crit, 3)}: (2 E_min, 2 S_min)")
-    pred = bs["predicted"]
-    ps, pe = pred["s_min"], pred["e_min"]
-    if ps is not None and pe is not None and ps > 0 and pe > 0:
-        ax.plot([b * ps + pe for b in grid], [ps + pe / b for b in grid], color="tab:purple",
-                ls="--", label=f"predicted from B_simple of one run (B_crit {_num(pe / ps, 3)})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("examples E to reach the target")
-    ax.set_ylabel("steps S to reach the target")
-    ax.set_title(f"{result['data']['name']}, training loss <= "
-                 f"{result['config']['target_loss']:g}; S_min = {_num(s_min, 3)}, "
-                 f"E_min = {_num(e_min, 3)}")
-    ax.legend(fontsize=8, loc="upper right")
-
-    def finite_pos(v: Any) -> bool:
-        return v is not None and math.isfinite(v) and v > 0
-
-    h = [r for r in bs["history"] if finite_pos(r["b_simple_ema"])]
-    if h:
-        ax2.plot([r["step"] for r in h], [r["b_simple_ema"] for r in h], color="tab:purple",
-                 lw=1, label=f"monitor, online (EMA, beta {bs['beta']:g})")
-    w = [r for r in bs["whole_split_history"] if finite_pos(r["b_simple"])]
-    if w:
-        ax2.plot([r["step"] for r in w], [r["b_simple"] for r in w], color="black", lw=1.5,
-                 label="whole training split")
-    ax2.axhline(b_crit, color="tab:green", label=f"B_crit = {_num(b_crit, 3)} (fit)")
-    if pred["b_crit"] is not None and math.isfinite(pred["b_crit"]):
-        ax2.axhline(pred["b_crit"], color="tab:purple", ls="--",
-                    label=f"progress-weighted B_simple = {_num(pred['b_crit'], 3)}")
-    seen = ([r["b_simple_ema"] for r in h] + [r["b_simple"] for r in w]
-            + [v for v in (b_crit, pred["b_crit"]) if finite_pos(v)])
-    ymin, ymax = min(seen) / 2, max(seen) * 2
-    lo, hi = f["b_crit_ci"]
-    if finite_pos(lo) and finite_pos(hi):
-        ax2.axhspan(max(lo, ymin), min(hi, ymax), color="tab:green", alpha=0.15,
-                    label=f"{100 * f['confidence']:g}% interval of B_crit")
-    ax2.set_yscale("log")
-    ax2.set_ylim(ymin, ymax)
-    ax2.set_xlabel(f"step of the reference run (batch {bs['batch_size']}, lr {bs['lr']:.3g})")
-    ax2.set_ylabel("B_simple = tr(Sigma)/|G|^2")
-    ax2.set_title("B_simple during training vs B_crit")
-    ax2.legend(fontsize=8, loc="best")
-    fig.savefig(path, dpi=120)
-    return None
-
-
-# ----------------------------------------------------------------------------- command line
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated integers >= 2, got {text!r}") from None
-    if len(sizes) < 2 or len(set(sizes)) != len(sizes) or min(sizes) < 2:
-        raise argparse.ArgumentTypeError(
-            f"must be at least two distinct integers >= 2, got {text!r}")
-    return tuple(sorted(sizes))
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = SweepConfig()
-    p.add_argument("--out", metavar="DIR",
-                   help="write runs.csv, result.json and critical_batch.png there")
-    p.add_argument("--batch-sizes", type=_batch_sizes, metavar="B1,B2,...",
-                   help="batch sizes to sweep (default "
-                        f"{','.join(map(str, d.batch_sizes))}; --quick: "
-                        f"{','.join(map(str, QUICK.batch_sizes))})")
-    p.add_argument("--target-loss", type=positive_float, metavar="L",
-                   help=f"training-split cross-entropy to reach (default {d.target_loss:g}; "
-                        f"--quick: {QUICK.target_loss:g})")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="split, initialisation, shuffling and bootstrap seed")
-    p.add_argument("--quick", action="store_true",
-                   help="a fast, rough sweep (fewer sizes and learning rates, looser target)")
-    p.add_argument("--repeats", type=positive_int, metavar="N",
-                   help=f"runs per (batch size, learning rate), each with its own "
-                        f"initialisation and data order (default {d.repeats}; --quick: "
-                        f"{QUICK.repeats})")
-    p.add_argument("--lr-candidates", type=positive_int, metavar="N",
-                   help=f"learning rates per batch size before any extension (default "
-                        f"{d.lr_candidates}; --quick: {QUICK.lr_candidates})")
-    p.add_argument("--max-steps", type=positive_int, metavar="N",
-                   help=f"give up on a run after N steps (default {d.max_steps}; --quick: "
-                        f"{QUICK.max_steps})")
-    p.add_argument("--reference-batch", type=positive_int, metavar="B",
-                   help="batch size of the run that measures B_simple (default: the middle one)")
-    p.add_argument("--n-boot", type=int, metavar="N",
-                   help=f"bootstrap resamples for the intervals (default {d.n_boot}; --quick: "
-                        f"{QUICK.n_boot})")
-    p.add_argument("--threads", type=positive_int, default=d.threads, metavar="N",
-                   help=f"torch intra-op threads while training (default {d.threads})")
-    p.add_argument("--no-plot", action="store_true", help="do not write critical_batch.png")
-    p.add_argument("--quiet", action="store_true", help="no progress lines and no report")
-
-
-def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    base = QUICK if args.quick else SweepConfig()
-    over: dict[str, Any] = {"seed": args.seed, "threads": args.threads}
-    for name in ("batch_sizes", "target_loss", "repeats", "lr_candidates", "max_steps",
-                 "reference_batch", "n_boot"):
-        v = getattr(args, name)
-        if v is not None:
-            over[name] = v
-    return replace(base, **over)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``gradstats critical-batch``."""
-    cfg = config_from_args(args)
-
-    def flag(e: ConfigError) -> UsageError:
-        return UsageError(f"argument --{e.field.replace('_', '-')}: {e.message}")
-
-    try:
-        cfg.check()
-        data = load_data(cfg.seed, cfg.test_fraction)
-        cfg.check(len(data.y_train))
-    except MissingDependency as e:
-        print(f"gradstats critical-batch: {e}", file=sys.stderr)
-        return 1
-    except ConfigError as e:
-        raise flag(e) from None
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    try:
-        result = run_sweep(cfg, data=data, log=None if args.quiet else log)
-    except ConfigError as e:
-        raise flag(e) from None
-    except SweepError as e:
-        print(f"gradstats critical-batch: {e}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(format_result(result))
-    if args.out:
-        for msg in save_outputs(result, args.out, plot=not args.no_plot):
-            if not args.quiet or not msg.startswith("wrote"):
-                print(msg, file=sys.stdout if msg.startswith("wrote") else sys.stderr)
-    return 0
