@@ -1,21 +1,21 @@
 """Embedding per-example gradient norms: the monitor's overhead on a plain backward, one process.
 
-Shape (default): V = 50,304, B = 8, T = 1024, d = 768 (a GPT-2 sized table) on CPU. After
-warm-up the methods take turns, round after round, so that load from other processes falls on
-all of them alike; medians are reported:
+Shape (default): V = 50,304, B = 8, T = 1024, d = 768 (a GPT-2 sized table). The methods take
+turns round after round in the suite's harness (``harness.py``):
 
-  plain        forward + backward of ``emb(ids)`` with a random upstream gradient (nn.Embedding,
-               .grad set to None before each call)
-  monitor      the same with a GradStatsMonitor attached (hooks mode: the norms and the contract
-               probe run in the output-gradient hook)
-  monitor+step the same followed by ``monitor.step()`` (reads .grad: |.grad|^2 and the probe)
-  norms        EmbeddingRule.norms alone on the saved ids and the upstream gradient
-  step: ...    the piece of monitor.step() that reads a [V, d] .grad: "grad summary" is
-               |.grad|^2 and the two probe projections in one pass (the gradstats op the monitor
-               uses), "grad sq f64" the naive float64 |.grad|^2 for comparison
+  plain              forward + backward of ``emb(ids)`` with a random upstream gradient
+                     (nn.Embedding, .grad released before each call)
+  monitor+step       the same with ``GradStatsMonitor(emb, loss_reduction="sum")`` attached
+                     (defaults otherwise), then ``monitor.step()``; the time of ``step()`` itself
+                     is measured inside each call
+  monitor+step, no check   the same with ``check_contract=False``
+  |.grad|^2 float64  the naive float64 square-sum of a [V, d] gradient: a yardstick for the part
+                     of ``step()`` that has to read the whole ``.grad``
 
-and the ratios to ``plain`` (the target is monitor+step / plain <= 2). Also checks the norms against
-a float64 reference. Writes benchmarks/results/embedding_<device>.json and .md.
+then where the monitor's time goes (``torch.profiler``, by op name: the gradstats ops, and the
+ops whose self time grew most against the plain step), and the per-example norms against a
+float64 reference. Target: monitor+step / plain <= 2. Writes
+results/embedding_<device>.json and .md.
 
     python benchmarks/bench_embedding.py
     python benchmarks/bench_embedding.py --quick
@@ -24,48 +24,45 @@ a float64 reference. Writes benchmarks/results/embedding_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
-import statistics
 import sys
+from pathlib import Path
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gradstats  # noqa: E402
-from gradstats import GradStatsMonitor, _ops  # noqa: E402
-from gradstats.rules import rule_for  # noqa: E402
-from gradstats.bench import sync_device as sync  # noqa: E402
-from gradstats.bench import time_call as time_once  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.profiler import record_function  # noqa: E402
 
+from gradstats import GradStatsMonitor  # noqa: E402
 
-
-
-def measure_interleaved(fns: dict, device, rounds: int, warmup: int) -> dict[str, dict]:
-    """Median (and min, max) seconds per call of each fn, the methods taking turns."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(time_once(fn, device))
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "n": len(v)}
-            for k, v in times.items()}
+from benchmarks import harness, report  # noqa: E402
 
 
 def reference_norms(ids: torch.Tensor, G: torch.Tensor, V: int) -> torch.Tensor:
-    """Float64 per-example norms through a dense one-hot per example (one example at a time)."""
+    """Float64 per-example norms through a dense gradient per example (one at a time)."""
     out = torch.empty(ids.shape[0], dtype=torch.float64)
     for i in range(ids.shape[0]):
         dE = torch.zeros(V, G.shape[-1], dtype=torch.float64)
         dE.index_add_(0, ids[i], G[i].double())
         out[i] = dE.square().sum()
     return out
+
+
+def monitored(emb: nn.Embedding, ids, G, **options):
+    """A module sharing ``emb``'s weight with a monitor attached, and its timed step."""
+    twin = nn.Embedding(*emb.weight.shape, device=emb.weight.device)
+    twin.weight = emb.weight
+    mon = GradStatsMonitor(twin, loss_reduction="sum", **options)
+    watch = harness.Stopwatch(ids.device)
+
+    def step():
+        emb.weight.grad = None
+        twin(ids).backward(G)
+        with watch, record_function("gradstats: monitor.step()"):
+            return mon.step()
+    step.inner, step.monitor = watch, mon
+    return step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,15 +72,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results"))
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 3 rounds, 1 warm-up")
+    ap.add_argument("--out", "--out-dir", dest="out", type=Path,
+                    default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup = 3, 1
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    timing = (harness.Timing.quick() if args.quick
+              else harness.Timing(rounds=args.rounds, warmup=2, min_sample_s=0.0, budget_s=30.0))
     torch.manual_seed(0)
     V, B, T, d = args.V, args.B, args.T, args.d
 
@@ -96,107 +94,62 @@ def main(argv: list[str] | None = None) -> dict:
         emb.weight.grad = None
         emb(ids).backward(G)
 
-    rule = rule_for(emb)
-
-    def norms():
-        return rule.norms(emb, ids, G)["weight"]
-
-    # Modules sharing the one weight: the plain one has no hooks; each monitor has its own.
-    emb_hooks, emb_step = nn.Embedding(V, d, device=device), nn.Embedding(V, d, device=device)
-    emb_hooks.weight = emb_step.weight = emb.weight
-    mon = GradStatsMonitor(emb_hooks, loss_reduction="sum")
-    mon_step = GradStatsMonitor(emb_step, loss_reduction="sum")
-
-    def monitored():
-        emb.weight.grad = None
-        emb_hooks(ids).backward(G)  # what the hooks collect piles up (a few bytes a call)
-
-    def monitored_step():
-        emb.weight.grad = None
-        emb_step(ids).backward(G)
-        return mon_step.step()
-
-    # Pieces of monitor.step() that read a [V, d] .grad (for the breakdown).
-    emb(ids).backward(G)
+    step, step_nocheck = monitored(emb, ids, G), monitored(emb, ids, G, check_contract=False)
+    plain()
     grad = emb.weight.grad.detach().clone()
-    vectors = rule.probe_vectors("weight", emb.weight, torch.Generator().manual_seed(0))
-
-    def grad_sq_f64():
-        return grad.double().square().sum()  # the naive way, for comparison
-
-    def grad_summary():
-        return _ops.grad_summary(grad, *vectors)
-
-    fns = {"plain": plain, "monitor": monitored, "monitor+step": monitored_step, "norms": norms,
-           "step: grad summary": grad_summary, "step: grad sq f64": grad_sq_f64}
+    fns = {"plain": plain, "monitor+step": step, "monitor+step, no check": step_nocheck,
+           "|.grad|^2 float64": lambda: grad.double().square().sum()}
     try:
-        results = measure_interleaved(fns, device, args.rounds, args.warmup)
-        stats = monitored_step()
+        samples, failures, outputs = harness.measure(fns, device, timing)
+        profile = harness.guard(lambda: harness.compare_profiles(
+            plain, step, device, 1 if args.quick else 3, prefix="gradstats"), device)
     finally:
-        mon.detach()
-        mon_step.detach()
+        step.monitor.detach()
+        step_nocheck.monitor.detach()
+    if failures:
+        raise SystemExit(f"bench_embedding: {failures}")
 
-    got = norms().double().cpu()
     ref = reference_norms(ids.cpu(), G.cpu(), V)
+    got = outputs["monitor+step"].per_example_sq_norms.double().cpu()
     err = ((got - ref).abs() / ref).max().item()
-    per_example_err = ((stats.per_example_sq_norms - ref).abs() / ref).max().item()
+    base = samples["plain"]
+    rows = []
+    for k, s in samples.items():
+        inner = getattr(fns[k], "inner", None)
+        rows.append({"method": k, "median_s": s.median, "min_s": s.min, "spread": s.spread,
+                     "rounds": len(s.times), "ratio_to_plain": report.paired(s.times, base.times),
+                     "step_s": inner.median if inner is not None else None})
+    ratio = rows[1]["ratio_to_plain"]["ratio"]
+    meta = report.environment(device, shape={"V": V, "B": B, "T": T, "d": d}, quick=args.quick,
+                              timing=vars(timing))
+    info = {"benchmark": "embedding", "meta": meta, "rows": rows, "profile": profile,
+            "monitor_per_example_max_rel_err_vs_float64": err,
+            "target": "monitor+step / plain <= 2", "target_met": ratio <= 2.0}
 
-    base = results["plain"]["median_s"]
-    ratios = {k: v["median_s"] / base for k, v in results.items()}
-    info = {
-        "benchmark": "embedding",
-        "shape": {"V": V, "B": B, "T": T, "d": d},
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"{platform.processor() or platform.machine()} cpu, "
-                        f"{torch.get_num_threads()} threads"),
-        "torch": torch.__version__,
-        "gradstats": gradstats.__version__,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "rounds": args.rounds,
-        "load_average": ([round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg")
-                         else None),
-        "times": results,
-        "ratio_to_plain": ratios,
-        "norms_max_rel_err_vs_float64": err,
-        "monitor_per_example_max_rel_err_vs_float64": per_example_err,
-        "target": "monitor+step / plain <= 2",
-        "target_met": ratios["monitor+step"] <= 2.0,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"embedding_{device.type}")
-    with open(stem + ".json", "w") as f:
-        json.dump(info, f, indent=2)
-    lines = [
-        f"# Embedding per-example norms: monitor overhead ({device.type})",
-        "",
-        f"V={V}, B={B}, T={T}, d={d}; {info['device']}; torch {info['torch']}; "
-        f"gradstats {info['gradstats']}; {info['date']}; median of {args.rounds} interleaved "
-        f"rounds after {args.warmup} warm-up; load average {info['load_average']}.",
-        "",
-        "| method | median ms | min ms | max ms | / plain |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for k in results:
-        v = results[k]
-        lines.append(f"| {k} | {v['median_s'] * 1e3:.1f} | {v['min_s'] * 1e3:.1f} | "
-                     f"{v['max_s'] * 1e3:.1f} | {ratios[k]:.2f} |")
-    lines += [
-        "",
-        "plain: forward + backward of emb(ids) with a random upstream gradient; monitor: the "
-        "same with GradStatsMonitor (hooks mode, norms + contract probe in backward); "
-        "monitor+step: plus monitor.step(); norms: EmbeddingRule.norms alone; step: grad "
-        "summary: |.grad|^2 and the probe in one pass as monitor.step() does it, grad sq f64: "
-        "the naive float64 |.grad|^2.",
-        "",
-        f"Target monitor+step / plain <= 2: {'met' if info['target_met'] else 'NOT met'} "
-        f"({ratios['monitor+step']:.2f}). Max relative error of the norms against a float64 "
-        f"reference: {err:.1e} (through the monitor: {per_example_err:.1e}).",
-        "",
-    ]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    L = report.header(f"Embedding per-example norms: monitor overhead, V={V} B={B} T={T} d={d}",
+                      meta)
+    L += report.table(
+        ["method", "median ms", "best ms", "spread", "/ plain", "step() ms"],
+        [[report.cell(r["method"]), report.fmt_ms(r["median_s"]), report.fmt_ms(r["min_s"]),
+          report.fmt_pct(r["spread"]), report.fmt_x(r["ratio_to_plain"]["ratio"]),
+          report.fmt_ms(r["step_s"])] for r in rows], right={1, 2, 3, 4, 5})
+    L += ["plain: forward + backward of emb(ids) with a random upstream gradient; monitor+step: "
+          "the same with GradStatsMonitor attached, then monitor.step() (step() ms: its own "
+          "time, included); / plain: median of the round-by-round ratios; |.grad|^2 float64: the "
+          "naive square-sum of the [V, d] gradient, a yardstick for step().", ""]
+    if isinstance(profile, str):
+        L += [f"Profile: {profile}", ""]
+    else:
+        L += [f"Where the monitor's time goes (torch.profiler, one plain and one monitored step "
+              f"in turn, x{profile['calls']}): plain {profile['base_ms']:.1f} ms, monitor+step "
+              f"{profile['fn_ms']:.1f} ms.", ""] + report.profile_tables(profile)
+    L += [f"Target monitor+step / plain <= 2: {'met' if info['target_met'] else 'NOT met'} "
+          f"({ratio:.2f}). Max relative error of the per-example norms through the monitor "
+          f"against a float64 reference: {err:.1e}.", ""]
+    md = "\n".join(L)
+    print(md)
+    j, m = report.save(args.out, f"embedding_{harness.device_tag(device)}", info, md)
+    print(f"wrote {j} and {m}")
     return info
 
 
