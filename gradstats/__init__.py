@@ -22,9 +22,11 @@ _EXPORTS = {
     "step_estimate": ".estimators",
     "Rule": ".rules", "Sink": ".rules", "register_rule": ".rules",
     "CurvatureEstimator": ".curvature", "CurvatureResult": ".curvature", "hvp": ".curvature",
+    "AdamNoiseEstimator": ".adam", "AdamNoiseResult": ".adam",
 }
 _SUBMODULES = {"ops", "reference", "scaling", "schedulers", "critical", "curvature",
-               "estimators", "monitor", "contract", "rules", "stats", "units", "provenance"}
+               "estimators", "monitor", "contract", "rules", "stats", "units", "provenance",
+               "adam", "moments", "kernels", "logs", "integrations"}
 
 __all__ = ["__version__", *_EXPORTS]
 

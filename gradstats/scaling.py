@@ -22,12 +22,17 @@ __all__ = [
     "AdamSDEScaling",
     "adam_b_noise2",
     "adam_b_noise2_from_peak",
+    "adam_b_noise2_from_sums",
     "adam_beta",
+    "adam_beta_noise",
     "adam_beta_noise_from_b_noise2",
+    "adam_eta_max",
     "adam_optimal_lr",
     "adam_peak_batch_size",
     "adam_peak_from_b_noise2",
+    "adam_plateau_batch_size",
     "adam_sde_scaling",
+    "adam_sign_descent_lr",
     "adam_surge_lr",
     "adascale_gain",
     "adascale_gain_from_b_simple",
@@ -126,7 +131,7 @@ def eta_max_from_search(
 # --------------------------------------------------------------------------- Adam, mean-field [S24]
 # Adam is modelled as sign descent, E[sign(g_B,i)] = erf(g_i/sigma_i sqrt(B/2)) ~ sign(g_i) beta(B)
 # with one noise-to-signal ratio kappa^2 standing for every (sigma_i/g_i)^2. Estimating kappa^2
-# by B_simple is an approximation [S24].
+# by B_simple is an approximation [S24]; gradstats.adam measures it (and the curvature sums).
 def adam_beta(kappa2: float, batch_size: float) -> float:
     """``beta(B) = (1 + pi kappa^2 / (2B))^(-1/2)`` [S24]: mean-field |E sign(g_B)|, using
     ``erf(x) ~ x / sqrt(x^2 + pi/4)``; ``kappa^2 ~ B_simple`` is an approximation."""
@@ -198,6 +203,77 @@ def adam_beta_noise_from_b_noise2(b_noise2: float, kappa2: float) -> float:
     return math.sqrt(2.0 * b2 / (math.pi * k2 - 2.0 * b2))
 
 
+# --------------------------------------------------------------------------- Adam, measured sums
+# The same mean-field model written in the measured sums (gradstats.adam): l1 = sum_i |g_i|,
+# tr_h = sum_i H_ii, s_h_s = s^T H s with s = sign(g), so that sum_{i!=j} sign(g_i g_j) H_ij =
+# s_h_s - tr_h. This form stays defined where beta_noise is not (s_h_s <= tr_h).
+def _sums(tr_h: float, s_h_s: float) -> tuple[float, float]:
+    t, q = _pos("tr_h", tr_h), _num("s_h_s", s_h_s)
+    if not (q > 0 and math.isfinite(q)):
+        raise ValueError(f"s_h_s must be > 0 and finite (the curvature along sign(g)), got "
+                         f"{s_h_s!r}")
+    return t, q
+
+
+def adam_sign_descent_lr(
+    l1: float, tr_h: float, s_h_s: float, kappa2: float, batch_size: float
+) -> float:
+    """``eta*(B) = l1 beta / (tr_h + beta^2 (s_h_s - tr_h))``, ``beta = adam_beta(kappa2, B)``:
+    the sign-descent optimum ``sum_i mu_i g_i / (sum_i H_ii + sum_{i!=j} mu_i mu_j H_ij)`` with
+    ``mu_i = sign(g_i) beta`` [S24]. Equals :func:`adam_surge_lr` with :func:`adam_eta_max` and
+    :func:`adam_beta_noise` when ``s_h_s > tr_h``; otherwise it rises monotonically to
+    ``l1 / s_h_s`` as ``B -> inf``."""
+    t, q = _sums(tr_h, s_h_s)
+    beta = adam_beta(kappa2, batch_size)
+    return _pos("l1", l1) * beta / (t + beta * beta * (q - t))
+
+
+def adam_beta_noise(tr_h: float, s_h_s: float) -> float:
+    """``beta_noise = sqrt(tr_h / (s_h_s - tr_h))`` [S24]; defined only for ``tr_h > 0`` and
+    ``s_h_s > tr_h`` (a positive sign-weighted off-diagonal sum)."""
+    t, q = _sums(tr_h, s_h_s)
+    if not q > t:
+        raise ValueError(f"s_h_s must exceed tr_h for beta_noise to exist (sum_{{i!=j}} "
+                         f"sign(g_i g_j) H_ij > 0), got s_h_s={s_h_s!r}, tr_h={tr_h!r}")
+    return math.sqrt(t / (q - t))
+
+
+def adam_eta_max(l1: float, tr_h: float, s_h_s: float) -> float:
+    """``eta_max = l1 / (2 sqrt(tr_h (s_h_s - tr_h)))`` [S24], the peak of the surge curve
+    (reached at ``B_peak``); defined where :func:`adam_beta_noise` is."""
+    adam_beta_noise(tr_h, s_h_s)
+    return _pos("l1", l1) / (2.0 * math.sqrt(tr_h * (s_h_s - tr_h)))
+
+
+def adam_b_noise2_from_sums(kappa2: float, tr_h: float, s_h_s: float) -> float:
+    """``B_noise-2 = pi kappa^2 tr_h / (2 s_h_s)`` [S24]: the per-step loss decrease at the
+    optimal lr is ``dL_max / (1 + B_noise-2 / B)`` with ``dL_max = l1^2 / (2 s_h_s)``; equals
+    :func:`adam_b_noise2` when ``beta_noise`` exists, and stays defined when it does not."""
+    t, q = _sums(tr_h, s_h_s)
+    return math.pi * _nonneg("kappa2", kappa2) * t / (2.0 * q)
+
+
+def adam_plateau_batch_size(kappa2: float, off_ratio: float, tol: float = 0.0) -> float:
+    """Smallest ``B`` with ``eta*(B) >= (1 - tol) sup_B eta*(B)`` on the sign-descent curve,
+    ``off_ratio = sum_{i!=j} sign(g_i g_j) H_ij / sum_i H_ii`` (``= 1/beta_noise^2`` when
+    positive; ``> -1``). With ``f(beta) = beta / (1 + off_ratio beta^2)`` the supremum over
+    ``beta`` in ``(0, 1]`` is ``1/(2 sqrt(off_ratio))`` at ``beta_noise`` for ``off_ratio > 1``,
+    else ``f(1)``; the smaller root of ``f(beta) = q`` is ``beta = 2q / (1 + sqrt(1 - 4 off_ratio
+    q^2))`` and ``B = pi kappa^2 beta^2 / (2 (1 - beta^2))``. ``tol = 0`` gives ``B_peak``
+    (:func:`adam_peak_batch_size`), ``math.inf`` when there is no peak."""
+    k2, rho, tl = _nonneg("kappa2", kappa2), _num("off_ratio", off_ratio), _nonneg("tol", tol)
+    if not rho > -1.0 or math.isinf(rho):
+        raise ValueError(f"off_ratio must be finite and > -1 (s^T H s > 0), got {off_ratio!r}")
+    if not tl < 1.0:
+        raise ValueError(f"tol must be in [0, 1), got {tol!r}")
+    if rho <= 1.0 and tl == 0.0:  # the supremum is the limit B -> inf
+        return math.inf
+    f_sup = 0.5 / math.sqrt(rho) if rho > 1.0 else 1.0 / (1.0 + rho)
+    q = (1.0 - tl) * f_sup
+    beta = min(1.0, 2.0 * q / (1.0 + math.sqrt(max(0.0, 1.0 - 4.0 * rho * q * q))))
+    return math.inf if beta >= 1.0 else math.pi * k2 * beta * beta / (2.0 * (1.0 - beta * beta))
+
+
 class AdamSDEScaling(NamedTuple):
     lr: float
     beta1: float
@@ -258,7 +334,8 @@ def adascale_gain_from_b_simple(
 
 
 # --------------------------------------------------------------------------- rule dispatch
-RULES = ("constant", "linear", "sqrt", "sgd-optimal", "adam-optimal", "adam-surge")
+RULES = ("constant", "linear", "sqrt", "sgd-optimal", "adam-optimal", "adam-surge",
+         "adam-sign-descent")
 
 
 def lr_ratio(
@@ -269,10 +346,13 @@ def lr_ratio(
     b_noise: float | None = None,
     kappa2: float | None = None,
     beta_noise: float | None = None,
+    off_ratio: float | None = None,
 ) -> float:
     """``eta(B) / eta(B0)`` under ``rule`` (one of :data:`RULES`): the factor to apply to an lr
     tuned at ``base_batch_size``. "sgd-optimal" needs ``b_noise``; "adam-optimal" needs
-    ``kappa2``; "adam-surge" needs ``kappa2`` and ``beta_noise``."""
+    ``kappa2``; "adam-surge" needs ``kappa2`` and ``beta_noise``; "adam-sign-descent" (the
+    measured curve of :func:`adam_sign_descent_lr`, defined with or without a peak) needs
+    ``kappa2`` and ``off_ratio = sum_{i!=j} sign(g_i g_j) H_ij / sum_i H_ii``."""
     b, b0 = _pos("batch_size", batch_size), _pos("base_batch_size", base_batch_size)
     if rule == "constant":
         return 1.0
@@ -295,4 +375,10 @@ def lr_ratio(
     if rule == "adam-surge":
         k2, bn = need("kappa2", kappa2), need("beta_noise", beta_noise)
         return adam_surge_lr(1.0, k2, b, bn) / adam_surge_lr(1.0, k2, b0, bn)
+    if rule == "adam-sign-descent":
+        k2, rho = need("kappa2", kappa2), need("off_ratio", off_ratio)
+        if not _num("off_ratio", rho) > -1.0:
+            raise ValueError(f"off_ratio must be > -1 (s^T H s > 0), got {off_ratio!r}")
+        return adam_sign_descent_lr(1.0, 1.0, 1.0 + rho, k2, b) / adam_sign_descent_lr(
+            1.0, 1.0, 1.0 + rho, k2, b0)
     raise ValueError(f"rule must be one of {RULES}, got {rule!r}")

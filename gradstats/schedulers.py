@@ -6,7 +6,8 @@
   closed form ``base_lr * f(t)`` for ``SequentialLR`` milestones.
 * :class:`AdaScaleLR`: progress ``tau`` advanced by the AdaScale gain (closed form, like LambdaLR).
 * :class:`BatchSizeRuleLR`: multiplies the lr by ``lr_ratio(rule, B, B0)`` as ``B`` changes.
-* :class:`BatchSizeController` + :class:`ControlledBatchSampler`: batch size from ``B_simple``.
+* :class:`BatchSizeController` + :class:`ControlledBatchSampler`: batch size from ``B_simple``,
+  or for Adam from the measured sign-descent curve (:mod:`gradstats.adam`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .scaling import RULES, lr_ratio
+from .scaling import RULES, adam_b_noise2_from_sums, adam_plateau_batch_size, lr_ratio
 
 __all__ = [
     "AdaScaleLR",
@@ -204,7 +205,8 @@ class BatchSizeRuleLR(LRScheduler):
     ``step()`` leaves the lr alone, so it composes multiplicatively with chainable schedulers
     (:class:`WarmupCosine`, ``ChainedScheduler``). Rule parameters: ``b_noise`` for
     "sgd-optimal", ``kappa2`` (~ B_simple) for "adam-optimal", plus ``beta_noise`` for
-    "adam-surge".
+    "adam-surge", ``kappa2`` and ``off_ratio`` for "adam-sign-descent" (the measured curve:
+    ``**AdamNoiseResult.rule_params()``).
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class BatchSizeRuleLR(LRScheduler):
         b_noise: float | None = None,
         kappa2: float | None = None,
         beta_noise: float | None = None,
+        off_ratio: float | None = None,
         last_epoch: int = -1,
     ) -> None:
         if rule not in RULES:
@@ -224,7 +227,8 @@ class BatchSizeRuleLR(LRScheduler):
         self.rule = rule
         self.base_batch_size = float(base_batch_size)
         self.batch_size = float(base_batch_size if batch_size is None else batch_size)
-        self.params = {"b_noise": b_noise, "kappa2": kappa2, "beta_noise": beta_noise}
+        self.params = {"b_noise": b_noise, "kappa2": kappa2, "beta_noise": beta_noise,
+                       "off_ratio": off_ratio}
         self.ratio = lr_ratio(rule, self.batch_size, self.base_batch_size, **self.params)
         super().__init__(optimizer, last_epoch)
 
@@ -234,11 +238,13 @@ class BatchSizeRuleLR(LRScheduler):
         b_noise: float | None = None,
         kappa2: float | None = None,
         beta_noise: float | None = None,
+        off_ratio: float | None = None,
     ) -> float:
         """Switch to ``batch_size`` (updating any rule parameter given); rescales the lr now.
         Returns the new ratio."""
         params = dict(self.params)
-        for k, v in (("b_noise", b_noise), ("kappa2", kappa2), ("beta_noise", beta_noise)):
+        for k, v in (("b_noise", b_noise), ("kappa2", kappa2), ("beta_noise", beta_noise),
+                     ("off_ratio", off_ratio)):
             if v is not None:
                 params[k] = v
         new = lr_ratio(self.rule, batch_size, self.base_batch_size, **params)
@@ -255,6 +261,17 @@ class BatchSizeRuleLR(LRScheduler):
         return [base * self.ratio for base in self.base_lrs]
 
 
+_TARGETS = ("b_simple", "adam-plateau", "adam-noise2")
+
+
+def _real(v: Any) -> float:
+    """``float(v)``, nan for what is not a number."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 class BatchSizeController:
     """Batch size from the measured noise scale: ``B = clip(alpha * B_simple, b_min, cap)``
     rounded to a multiple of ``multiple`` (default ``micro_batch_size``), changed only when
@@ -269,7 +286,15 @@ class BatchSizeController:
       ``lr_ratio(lr_rule, B_new, base_batch_size) / lr_ratio(lr_rule, B_old, base_batch_size)``
       (the lr is tuned at ``base_batch_size``, default the initial size ``b_min``); this composes
       with chainable schedulers. "sgd-optimal" / "adam-*" use the latest ``B_simple`` as
-      ``b_noise`` / ``kappa2`` unless fixed values are given.
+      ``b_noise`` / ``kappa2`` unless fixed values are given (or ``kappa2`` is measured).
+    * Adam (``target``, :mod:`gradstats.adam`): ``"adam-plateau"`` aims at ``alpha`` times the
+      smallest ``B`` whose sign-descent optimal lr is within ``tol`` of its supremum
+      (:func:`~gradstats.scaling.adam_plateau_batch_size`: ``B_peak`` at ``tol = 0`` when the
+      curve peaks; past it a larger batch buys no larger step), ``"adam-noise2"`` at ``alpha *
+      B_noise-2 = alpha pi kappa^2 / (2 (1 + off_ratio))``, sign descent's ``E_min/S_min``.
+      Each :meth:`update` then takes the measured ``kappa2`` and ``off_ratio``
+      (``**AdamNoiseResult.rule_params()``; fixed ones from the constructor, ``B_simple`` for a
+      missing ``kappa2``). ``target="b_simple"`` (default) is the rule above.
     """
 
     def __init__(
@@ -288,7 +313,15 @@ class BatchSizeController:
         b_noise: float | None = None,
         kappa2: float | None = None,
         beta_noise: float | None = None,
+        off_ratio: float | None = None,
+        target: str = "b_simple",
+        tol: float = 0.1,
     ) -> None:
+        if target not in _TARGETS:
+            raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+        if not 0.0 <= tol < 1.0:
+            raise ValueError(f"tol must be in [0, 1), got {tol!r}")
+        self.target, self.tol = target, float(tol)
         self.micro_batch_size = _int_arg("micro_batch_size", micro_batch_size, 1)
         self.multiple = _int_arg(
             "multiple", self.micro_batch_size if multiple is None else multiple, 1
@@ -316,7 +349,8 @@ class BatchSizeController:
         self.alpha, self.hysteresis, self.lr_rule = float(alpha), float(hysteresis), lr_rule
         self.warmup_steps = _int_arg("warmup_steps", warmup_steps, 0)
         self.optimizer = optimizer
-        self.fixed = {"b_noise": b_noise, "kappa2": kappa2, "beta_noise": beta_noise}
+        self.fixed = {"b_noise": b_noise, "kappa2": kappa2, "beta_noise": beta_noise,
+                      "off_ratio": off_ratio}
         self.batch_size = self._lo
         self.base_batch_size = float(
             self.batch_size if base_batch_size is None else base_batch_size
@@ -325,6 +359,8 @@ class BatchSizeController:
             raise ValueError(f"base_batch_size must be > 0, got {base_batch_size!r}")
         self.steps = 0
         self.last_b_simple: float | None = None
+        self.last_kappa2: float | None = None
+        self.last_off_ratio: float | None = None
         self.lr_ratio = 1.0
         if optimizer is not None:
             if self.base_batch_size != self.batch_size:
@@ -343,27 +379,31 @@ class BatchSizeController:
 
     def _ratio(self, b: float) -> float:
         p = dict(self.fixed)
-        for k in ("b_noise", "kappa2"):
+        measured = {"b_noise": self.last_b_simple, "off_ratio": self.last_off_ratio,
+                    "kappa2": self.last_b_simple if self.last_kappa2 is None
+                    else self.last_kappa2}
+        for k, v in measured.items():
             if p[k] is None:
-                p[k] = self.last_b_simple
+                p[k] = v
         try:
             return lr_ratio(self.lr_rule, b, self.base_batch_size, **p)
         except ValueError as e:
             raise ValueError(f"lr_rule {self.lr_rule!r}: {e} (no measurement yet?)") from None
 
-    def update(self, b_simple: float) -> int:
-        """Record one step's ``B_simple`` and return the batch size for the next step."""
+    def update(self, b_simple: float, *, kappa2: float | None = None,
+               off_ratio: float | None = None) -> int:
+        """Record one step's ``B_simple`` (and, for an Adam ``target``, the measured ``kappa2``
+        and ``off_ratio``) and return the batch size for the next step."""
         self.steps += 1
         m = self.multiple
         hi = max(self._lo, m * math.floor(self.cap() / m))
         target = self.batch_size
-        try:
-            x = float(b_simple)
-        except (TypeError, ValueError):
-            x = math.nan
+        x = _real(b_simple)
         if math.isfinite(x) and x > 0:
             self.last_b_simple = x
-            raw = min(max(self.alpha * x, self.b_min), self.cap())
+        goal = self._goal(x, kappa2, off_ratio)
+        if goal is not None:
+            raw = min(max(self.alpha * goal, self.b_min), self.cap())
             new = min(max(m * math.floor(raw / m + 0.5), self._lo), hi)
             if abs(new - self.batch_size) > self.hysteresis * self.batch_size:
                 target = new
@@ -376,8 +416,27 @@ class BatchSizeController:
             self.batch_size = int(target)
         return self.batch_size
 
+    def _goal(self, x: float, kappa2: float | None, off_ratio: float | None) -> float | None:
+        """The unscaled target batch size of this update, or None (keep the size)."""
+        if self.target == "b_simple":
+            return x if math.isfinite(x) and x > 0 else None
+        k2 = _real(kappa2 if kappa2 is not None else self.fixed["kappa2"]
+                   if self.fixed["kappa2"] is not None else x)
+        if off_ratio is None and self.fixed["off_ratio"] is None:
+            raise ValueError(f"target {self.target!r} needs off_ratio (AdamNoiseResult."
+                             "off_ratio.value) in update() or the constructor")
+        rho = _real(off_ratio if off_ratio is not None else self.fixed["off_ratio"])
+        if not (math.isfinite(k2) and k2 > 0 and math.isfinite(rho) and rho > -1.0):
+            return None
+        self.last_kappa2, self.last_off_ratio = k2, rho
+        if self.target == "adam-noise2":
+            return adam_b_noise2_from_sums(k2, 1.0, 1.0 + rho)
+        return adam_plateau_batch_size(k2, rho, self.tol)
+
+    _STATE = ("batch_size", "steps", "last_b_simple", "last_kappa2", "last_off_ratio", "lr_ratio")
+
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("batch_size", "steps", "last_b_simple", "lr_ratio")}
+        return {k: getattr(self, k) for k in self._STATE}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the controller; the optimizer's lr is restored by its own ``load_state_dict``."""
@@ -389,6 +448,8 @@ class BatchSizeController:
             state_dict["last_b_simple"],
             float(state_dict["lr_ratio"]),
         )
+        self.last_kappa2 = state_dict.get("last_kappa2")
+        self.last_off_ratio = state_dict.get("last_off_ratio")
 
 
 class ControlledBatchSampler:

@@ -328,6 +328,103 @@ def test_adam_b_noise2_and_peak_relation():
         sc.adam_beta_noise_from_b_noise2(math.pi * kappa2, kappa2)
 
 
+def sign_sums(g, H):
+    s = np.sign(g)
+    return np.abs(g).sum(), float(np.trace(H)), float(s @ H @ s)
+
+
+def test_adam_sign_descent_lr_matches_matrix_mean_field_with_and_without_a_surge():
+    rng = np.random.default_rng(13)
+    for off_mass in (-0.5, 0.0, 0.3, 3.0):  # sign-weighted off-diagonal mass / tr H
+        g = rng.normal(size=10)
+        s = np.sign(g)
+        H = np.diag(rng.uniform(0.5, 2.0, 10))
+        H = H + off_mass * np.trace(H) / 90 * (np.outer(s, s) - np.eye(10))
+        l1, t, q = sign_sums(g, H)
+        assert (q - t) / t == pytest.approx(off_mass)
+        kappa2 = rng.uniform(5, 200)
+        for B in (0.5, 4, 40, 400, 4e4):
+            eta, dl = mean_field_eta_and_dl(g, H, kappa2, B)
+            assert sc.adam_sign_descent_lr(l1, t, q, kappa2, B) == pytest.approx(eta, rel=1e-10)
+            _, dl_inf = mean_field_eta_and_dl(g, H, kappa2, math.inf)
+            assert dl == pytest.approx(dl_inf / (1 + sc.adam_b_noise2_from_sums(kappa2, t, q) / B),
+                                       rel=1e-10)
+        assert sc.adam_sign_descent_lr(l1, t, q, kappa2, 1e15) == pytest.approx(l1 / q, rel=1e-9)
+        if off_mass > 0:
+            bn, em = sc.adam_beta_noise(t, q), sc.adam_eta_max(l1, t, q)
+            assert bn == pytest.approx(off_mass ** -0.5)
+            for B in (1, 30, 3000):
+                assert sc.adam_surge_lr(em, kappa2, B, bn) == pytest.approx(
+                    sc.adam_sign_descent_lr(l1, t, q, kappa2, B), rel=1e-12)
+            assert sc.adam_b_noise2_from_sums(kappa2, t, q) == pytest.approx(
+                sc.adam_b_noise2(kappa2, bn), rel=1e-12)
+        else:
+            with pytest.raises(ValueError, match="s_h_s must exceed tr_h"):
+                sc.adam_beta_noise(t, q)
+            lrs = [sc.adam_sign_descent_lr(l1, t, q, kappa2, b) for b in np.geomspace(0.1, 1e7)]
+            assert np.all(np.diff(lrs) > 0)
+    with pytest.raises(ValueError, match="s_h_s must be > 0"):
+        sc.adam_sign_descent_lr(1.0, 1.0, -0.5, 10.0, 8)
+    with pytest.raises(ValueError, match="tr_h must be > 0"):
+        sc.adam_eta_max(1.0, 0.0, 2.0)
+
+
+@pytest.mark.parametrize("rho", [-0.6, 0.0, 0.5, 1.0, 1.7, 9.0])
+@pytest.mark.parametrize("tol", [0.0, 0.02, 0.2])
+def test_adam_plateau_batch_size_is_the_numerical_threshold(rho, tol):
+    kappa2 = 37.0
+
+    def eta(b):
+        return sc.adam_sign_descent_lr(1.0, 1.0, 1.0 + rho, kappa2, b)
+
+    grid = np.geomspace(1e-3, 1e12, 4000)
+    i = int(np.argmax([eta(b) for b in grid]))
+    if i == len(grid) - 1:  # rising throughout: the supremum is the limit
+        top, sup = math.inf, eta(1e300)
+    else:
+        top = math.exp(golden_min(lambda x: -eta(math.exp(x)), math.log(grid[i - 1]),
+                                  math.log(grid[i + 1]), iters=200))
+        sup = eta(top)
+    got = sc.adam_plateau_batch_size(kappa2, rho, tol)
+    if tol == 0.0:
+        assert got == (sc.adam_peak_batch_size(kappa2, rho ** -0.5) if rho > 1 else math.inf)
+        if rho > 1:
+            assert got == pytest.approx(top, rel=1e-5)
+        return
+    lo, hi = 1e-6, min(top, 1e13)  # eta rises up to the peak: bisect for the first crossing
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if eta(mid) < (1 - tol) * sup else (lo, mid)
+    assert got == pytest.approx(hi, rel=1e-6)
+    assert eta(got * 1.0001) >= (1 - tol) * sup > eta(got * 0.999)
+
+
+def test_adam_plateau_and_sign_descent_rule_errors():
+    with pytest.raises(ValueError, match="off_ratio must be finite and > -1"):
+        sc.adam_plateau_batch_size(10.0, -1.0)
+    with pytest.raises(ValueError, match="tol must be in"):
+        sc.adam_plateau_batch_size(10.0, 2.0, 1.0)
+    with pytest.raises(ValueError, match="needs off_ratio"):
+        sc.lr_ratio("adam-sign-descent", 8, 4, kappa2=3.0)
+    with pytest.raises(ValueError, match="off_ratio must be > -1"):
+        sc.lr_ratio("adam-sign-descent", 8, 4, kappa2=3.0, off_ratio=-2.0)
+
+
+@given(B=bsz, B0=bsz, k2=pos, rho=st.floats(-0.95, 50.0))
+def test_lr_ratio_adam_sign_descent(B, B0, k2, rho):
+    def f(b):  # independent form: beta / (1 + rho beta^2)
+        beta = (1 + math.pi * k2 / (2 * b)) ** -0.5
+        return beta / (1 + rho * beta * beta)
+
+    got = sc.lr_ratio("adam-sign-descent", B, B0, kappa2=k2, off_ratio=rho)
+    assert got == pytest.approx(f(B) / f(B0), rel=1e-9)
+    if rho > 0:
+        assert got == pytest.approx(sc.lr_ratio("adam-surge", B, B0, kappa2=k2,
+                                                beta_noise=rho ** -0.5), rel=1e-9)
+    assert sc.lr_ratio("adam-sign-descent", B, B0, kappa2=k2, off_ratio=0.0) == pytest.approx(
+        sc.lr_ratio("adam-optimal", B, B0, kappa2=k2), rel=1e-12)
+
+
 def test_adam_beta_against_sign_descent_monte_carlo():
     """Sign descent on a diagonal quadratic with (sigma_i/g_i)^2 = kappa^2 for every i: the
     optimal lr ratio eta*(B)/eta*(inf) is erf(sqrt(B/(2 kappa^2))); adam_beta approximates it

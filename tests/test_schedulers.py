@@ -212,7 +212,9 @@ def test_adascale_with_unit_gain_equals_lambda_lr():
 
 
 # --------------------------------------------------------------------------- batch-size rule
-@pytest.mark.parametrize("rule", ["linear", "sqrt", "sgd-optimal", "adam-optimal", "adam-surge"])
+@pytest.mark.parametrize(
+    "rule", ["linear", "sqrt", "sgd-optimal", "adam-optimal", "adam-surge", "adam-sign-descent"]
+)
 def test_batch_size_rule_lr(rule):
     rng = np.random.default_rng()
     B0 = 64
@@ -220,6 +222,7 @@ def test_batch_size_rule_lr(rule):
         "b_noise": rng.uniform(10, 1000),
         "kappa2": rng.uniform(10, 1000),
         "beta_noise": rng.uniform(0.2, 0.9),
+        "off_ratio": rng.uniform(-0.9, 6.0),
     }
 
     def eta(B):  # independent unnormalised forms
@@ -230,6 +233,7 @@ def test_batch_size_rule_lr(rule):
             "sgd-optimal": 1 / (1 + kw["b_noise"] / B),
             "adam-optimal": beta,
             "adam-surge": 1 / (kw["beta_noise"] / beta + beta / kw["beta_noise"]),
+            "adam-sign-descent": beta / (1 + kw["off_ratio"] * beta**2),
         }[rule]
 
     opt = make_opt()
@@ -316,33 +320,34 @@ def test_controller_sgd_optimal_uses_measured_noise_scale():
         assert lrs_of(opt)[0] == pytest.approx((1 + x / 16) / (1 + x / B), rel=1e-9)
 
 
+def run_controller(mk, inputs, feed, split=None):
+    """``feed(controller, x)`` for each input, with the controller and its optimizer saved,
+    rebuilt and restored from the saved state before input ``split``."""
+    opt = make_opt()
+    c, out = mk(opt), []
+    for t, x in enumerate(inputs):
+        if t == split:
+            st = roundtrip({"c": c.state_dict(), "o": opt.state_dict()})
+            opt = make_opt()
+            c = mk(opt)
+            c.load_state_dict(st["c"])
+            opt.load_state_dict(st["o"])
+        out.append((feed(c, x), c.accumulation_steps, lrs_of(opt)))
+    return out
+
+
 def test_controller_state_dict_resume():
     xs = np.random.default_rng().uniform(-100, 5000, 60)
     xs[::7] = np.nan
 
-    def run(split=None):
-        opt = make_opt()
+    def mk(o):
+        return BatchSizeController(
+            16, 2048, 8, multiple=16, warmup_steps=20, lr_rule="sqrt", optimizer=o
+        )
 
-        def mk(o):
-            return BatchSizeController(
-                16, 2048, 8, multiple=16, warmup_steps=20, lr_rule="sqrt", optimizer=o
-            )
-
-        c = mk(opt)
-        out = []
-        for t, x in enumerate(xs):
-            if t == split:
-                st = roundtrip({"c": c.state_dict(), "o": opt.state_dict()})
-                opt = make_opt()
-                c = mk(opt)
-                c.load_state_dict(st["c"])
-                opt.load_state_dict(st["o"])
-            out.append((c.update(x), c.accumulation_steps, lrs_of(opt)))
-        return out
-
-    full = run()
+    full = run_controller(mk, xs, lambda c, x: c.update(x))
     assert len({b for b, _, _ in full}) > 3
-    assert run(split=25) == full
+    assert run_controller(mk, xs, lambda c, x: c.update(x), split=25) == full
 
 
 def test_controller_argument_errors():
@@ -360,11 +365,11 @@ def test_controller_argument_errors():
 
 # --------------------------------------------------------------------------- sampler
 def test_sampler_follows_controller():
-    n = 1000
+    n = 4000  # ~20 batches: enough that several sizes occur (seeded: not a flaky count)
     c = BatchSizeController(16, 256, 16, hysteresis=0.0)
     sampler = ControlledBatchSampler(torch.utils.data.SequentialSampler(range(n)), c)
     sizes, seen = [], []
-    measurements = iter(np.random.default_rng().uniform(1, 400, 1000))
+    measurements = iter(np.random.default_rng(0).uniform(1, 400, 1000))
     for batch in sampler:
         assert len(batch) == c.batch_size or len(seen) + len(batch) == n
         sizes.append(len(batch))
@@ -393,3 +398,66 @@ def test_sampler_micro_batches_drop_last_len_and_dataloader():
     dl = torch.utils.data.DataLoader(ds, batch_sampler=ControlledBatchSampler(range(n), c))
     got = [x.shape[0] for (x,) in dl]
     assert got[:3] == [64, 64, 64] and sum(got) == n
+
+
+# --------------------------------------------------------------------------- controller, Adam
+def sign_descent_eta(B, kappa2, rho):  # independent form of the measured curve
+    beta = (1 + math.pi * kappa2 / (2 * B)) ** -0.5
+    return beta / (1 + rho * beta**2)
+
+
+@pytest.mark.parametrize("rho", [-0.5, 0.4, 2.5, 12.0])
+def test_controller_adam_plateau_targets_the_lr_plateau(rho):
+    """The target is the smallest batch size whose optimal lr is within tol of the best one
+    (found here by brute force over integers), rounded to the multiple; the lr follows the
+    measured curve."""
+    kappa2, tol, m = 300.0, 0.1, 8
+    bs = np.arange(1, 200_000)
+    eta = sign_descent_eta(bs, kappa2, rho)
+    sup = max(eta.max(), 1 / (1 + rho) if rho <= 1 else 0.5 / math.sqrt(rho))
+    first = int(bs[np.argmax(eta >= (1 - tol) * sup)])
+    opt = make_opt((1.0,))
+    c = BatchSizeController(8, 100_000, 8, hysteresis=0.0, target="adam-plateau", tol=tol,
+                            lr_rule="adam-sign-descent", optimizer=opt)
+    got = c.update(float("nan"), kappa2=kappa2, off_ratio=rho)
+    assert abs(got - first) <= m  # the continuous threshold, rounded to a multiple of 8
+    assert got % m == 0
+    assert lrs_of(opt)[0] == pytest.approx(
+        sign_descent_eta(got, kappa2, rho) / sign_descent_eta(8, kappa2, rho), rel=1e-9)
+    assert c.last_kappa2 == kappa2 and c.last_off_ratio == rho
+
+
+def test_controller_adam_noise2_and_fixed_parameters():
+    c = BatchSizeController(8, 4096, 8, hysteresis=0.0, alpha=2.0, target="adam-noise2",
+                            off_ratio=1.5)
+    for kappa2 in (40.0, 400.0, 4000.0):
+        want = min(max(2.0 * math.pi * kappa2 / (2 * (1 + 1.5)), 8), 4096)
+        assert c.update(float("nan"), kappa2=kappa2) == nearest_multiple(want, 8)
+    # no kappa2 measured: B_simple stands in for it
+    assert c.update(400.0) == nearest_multiple(2.0 * math.pi * 400.0 / 5.0, 8)
+    before = c.batch_size
+    for bad in (float("nan"), -3.0):  # bad measurements keep the size
+        assert c.update(1.0, kappa2=bad) == before
+    assert c.update(1.0, kappa2=50.0, off_ratio=-1.5) == before
+    with pytest.raises(ValueError, match="needs off_ratio"):
+        BatchSizeController(8, 64, 8, target="adam-plateau").update(1.0, kappa2=3.0)
+    with pytest.raises(ValueError, match="target must be one of"):
+        BatchSizeController(8, 64, 8, target="adam")
+    with pytest.raises(ValueError, match="tol must be in"):
+        BatchSizeController(8, 64, 8, target="adam-plateau", tol=1.0)
+
+
+def test_controller_adam_state_dict_resume():
+    rng = np.random.default_rng()
+    meas = [(float(rng.uniform(10, 3000)), float(rng.uniform(-0.5, 8))) for _ in range(40)]
+
+    def mk(o):
+        return BatchSizeController(16, 2048, 8, multiple=16, target="adam-plateau",
+                                   lr_rule="adam-sign-descent", optimizer=o)
+
+    def feed(c, m):
+        return c.update(None, kappa2=m[0], off_ratio=m[1])
+
+    full = run_controller(mk, meas, feed)
+    assert len({b for b, _, _ in full}) > 3
+    assert run_controller(mk, meas, feed, split=17) == full
