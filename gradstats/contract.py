@@ -142,9 +142,11 @@ def diagnose(names: list[str], got: list[list[float]], want: list[list[float]],
     of the parameters themselves. Each test must hold for every direction."""
     where = ", ".join(names)
 
-    def same(xs: list[float]) -> bool:
-        return bool(xs) and all(math.isfinite(x) and abs(x - xs[0]) <= 1e-3 * abs(xs[0])
-                                for x in xs)
+    def same(xs: list[float], slack: list[float]) -> bool:
+        """All ``xs`` agree within their rounding slack (and 1e-3 relative)."""
+        return bool(xs) and all(
+            math.isfinite(x) and abs(x - xs[0]) <= 1e-3 * abs(xs[0]) + s + slack[0]
+            for x, s in zip(xs, slack))
 
     if all(p is not None and all(abs(g[j] - w[j] - p[j]) <= max(t[j], 1e-3 * abs(p[j]))
                                  for j in range(PROBES))
@@ -152,13 +154,16 @@ def diagnose(names: list[str], got: list[list[float]], want: list[list[float]],
         return (f".grad of {where} was not zeroed since the last step: it still holds the "
                 "previous gradient (call optimizer.zero_grad() after monitor.step())")
     # a uniform scale c moves every projection by the same relative amount c - 1
-    shifts = [g[j] / w[j] - 1 for g, w in zip(got, want) for j in range(PROBES) if w[j] != 0]
-    if same(shifts) and -1 <= shifts[0] < 0:
+    pairs = [(g[j] / w[j] - 1, t[j] / abs(w[j])) for g, w, t in zip(got, want, tol)
+             for j in range(PROBES) if w[j] != 0]
+    shifts, slack = [p[0] for p in pairs], [p[1] for p in pairs]
+    if same(shifts, slack) and -1 <= shifts[0] < 0:
         return (f".grad of {where} was scaled by {1 + shifts[0]:.6g} before step() (gradient "
                 "clipping?): call monitor.step() before clipping")
-    lams = [(g[j] - w[j]) / p[j] if p[j] else math.nan
-            for g, w, p in zip(got, want, param_probe) for j in range(PROBES)]
-    if same(lams) and lams[0] != 0:
+    pairs = [((g[j] - w[j]) / p[j], t[j] / abs(p[j])) if p[j] else (math.nan, 0.0)
+             for g, w, p, t in zip(got, want, param_probe, tol) for j in range(PROBES)]
+    lams, slack = [p[0] for p in pairs], [p[1] for p in pairs]
+    if same(lams, slack) and lams[0] != 0:
         return (f".grad of {where} had {lams[0]:.3g} x param added before step() (weight decay "
                 "or an L2 term written into .grad): call monitor.step() before it is added")
     return (f".grad of {where} holds contributions the hooks never saw (a loss term that "

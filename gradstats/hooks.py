@@ -34,6 +34,8 @@ from .rules.base import Factor, Sink, cross_term, dense_probe
 
 __all__ = ["Hooks", "Forward"]
 
+#: root module -> its hooks (one monitor per model)
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 #: module -> (hooks, layer) for fused and replaced forwards; copies of a module are not in it
 _INSTALLED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, LayerState]] = (
     weakref.WeakKeyDictionary())
@@ -111,6 +113,7 @@ class Hooks:
         self.provenance.refresh(model, by_id)
         self.functional = FunctionLevel(self, self.provenance, by_id)
         self._mode_depth = 0
+        self._traced: list[bool] = []  # per running covered module: followed inside instead
         self.uses: dict[tuple[int, int], int] = {}  # (slot, fid) -> function-level uses
         self._slot_layer = {p.slot: layer for layer in coverage.layers.values()
                             for p in layer.params.values()}
@@ -134,6 +137,12 @@ class Hooks:
     # ------------------------------------------------------------------------- install
     def _attach(self, mode: str) -> None:
         ref = weakref.ref(self)
+        other = _WATCHED.get(self.model)
+        if other is not None and other() is not None:
+            raise ValueError("this model already has a GradStatsMonitor attached; call "
+                             "detach() on it first (two monitors would split the hooks and "
+                             "one would silently record nothing)")
+        _WATCHED[self.model] = ref
 
         def root_pre(module, args, kwargs):
             hooks = ref()
@@ -147,15 +156,20 @@ class Hooks:
 
         def on_forward(module, args, *rest):
             hooks = ref()
-            if hooks is None:
+            if hooks is None or module not in hooks.by_module:
                 return None
+            if hooks._traced.pop():
+                return None  # followed through the function level instead
             hooks.provenance.inside -= 1
             return hooks._on_forward(module, args, rest)
 
         def enter(module, args, *rest):
             hooks = ref()
             if hooks is not None and module in hooks.by_module:
-                hooks.provenance.inside += 1
+                traced = hooks._derived_input(args)
+                hooks._traced.append(traced)
+                if not traced:
+                    hooks.provenance.inside += 1
 
         self.handles.append(self.model.register_forward_pre_hook(root_pre, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(root_post, with_kwargs=True,
@@ -175,6 +189,8 @@ class Hooks:
                     always_call=True))
 
     def detach(self) -> None:
+        if _WATCHED.get(self.model) is not None and _WATCHED[self.model]() is self:
+            del _WATCHED[self.model]
         for h in self.handles:
             h.remove()
         self.handles.clear()
@@ -310,6 +326,18 @@ class Hooks:
                 t.register_hook(self._tap_leaf(layer, fwd, packed, unpack, sink, i))
         return None
 
+    def _derived_input(self, args: tuple) -> bool:
+        """Whether a covered module gets an input computed from parameters without the batch
+        (a Linear on learned queries): then the function level follows the module's own
+        computation instead of its layer rule."""
+        if not self._mode_depth or self.fwd is None:
+            return False
+        for t in tensor_leaves(args):
+            d = self.provenance.derived(t)
+            if d is not None and d.sources:
+                return True
+        return False
+
     def _batch_free_call(self, layer: LayerState, inputs: tuple, output: Any) -> bool:
         """A layer called on batch-free inputs only (position ids, learned queries): its output
         is a derived tensor whose gradient per example is taken where it meets the batch."""
@@ -322,10 +350,6 @@ class Hooks:
         if getattr(layer.module, "scale_grad_by_freq", False):
             raise ContractError(f"{layer.name}: scale_grad_by_freq with ids shared by the whole "
                                 "batch is not supported")
-        if any(self.provenance.derived(t).sources for t in tensors):
-            raise ContractError(f"{layer.name} ({type(layer.module).__name__}) gets an input "
-                                "computed from parameters without the batch; gradstats cannot "
-                                "split its gradient per example")
         saved = layer.rule.capture(layer.module, inputs, output)
         src = Source(layer=layer, saved=saved, output=output.detach())
         self.provenance.mark(output, Derived((src,), _identity_fn))
@@ -457,6 +481,8 @@ class Hooks:
     # ------------------------------------------------------------------------- fused
     def run_fused(self, layer: LayerState, args: tuple, kwargs: dict) -> Any:
         x = args[0] if args else None
+        if self._derived_input((args, kwargs)):
+            return type(layer.module).forward(layer.module, *args, **kwargs)
         if (isinstance(x, torch.Tensor) and self.fwd is not None and self._mode_depth
                 and not self.paused and self.provenance.derived(x) is not None):
             # batch-free input: measured through the function level, like hooks mode

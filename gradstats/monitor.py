@@ -121,6 +121,7 @@ class GradStatsMonitor:
         self._steps = 0        # step() calls
         self._measured = 0     # measured steps (the probe schedule counts these)
         self._fid = 0
+        self._views: list | None = None
         self._versions: dict[int, tuple[weakref.ref, int]] = {}
         self._signature: dict[int, tuple[bool, int]] = {}
         self._last_probe: dict[int, list[float]] = {}
@@ -161,11 +162,21 @@ class GradStatsMonitor:
         B = find_batch(args, kwargs, self.batch_dim)
         if B is None:
             return None
+        if self._views is not None:
+            if self._views[0] is not None:
+                first = self._views[0]
+                if first.batch != B:
+                    raise ContractError(f"monitor.same_examples(): a forward of {B} examples after "
+                                        f"one of {first.batch}; views must hold the same examples")
+                return first
+            self._views[0] = None
         self._fid += 1
         rows = self.acc.begin_forward(B, self.units.reduction(args, kwargs, B))
         self.units.on_forward()
         fwd = Forward(self._fid, rows, B)
         self._forwards.append(fwd)
+        if self._views is not None:
+            self._views[0] = fwd
         return fwd
 
     def detach(self) -> None:
@@ -181,6 +192,36 @@ class GradStatsMonitor:
 
     def __exit__(self, *exc: Any) -> None:
         self.detach()
+
+    @contextlib.contextmanager
+    def same_examples(self) -> Iterator[None]:
+        """Forwards inside this block see the same examples (augmented views, a consistency
+        loss): each example's gradient is the sum over its views, so the norms get the cross
+        terms between views instead of counting the views as independent examples.
+
+        Example: ``with monitor.same_examples(): z1, z2 = model(x1), model(x2)``, then one
+        loss over both and ``backward()``. The views must be separate forwards of equal batch
+        size, in the same example order."""
+        if self._views is not None:
+            raise RuntimeError("monitor.same_examples() blocks do not nest")
+        self._views = [None]
+        try:
+            yield
+        finally:
+            self._views = None
+
+    def check_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Reads the loss's autograd graph before ``backward()`` and, at :meth:`step`, checks it
+        against the declared units: the reduction over the batch (``loss_reduction``), the
+        division by the micro-batch count (``accumulation``), and a GradScaler's scale.
+        Returns ``loss``: ``monitor.check_loss(loss).backward()``."""
+        from .units import ScalerWatch, inspect_loss
+
+        batch = self._forwards[-1].batch if self._forwards else None
+        scalers = [s for s in (self.units.scaler, ScalerWatch._last() if ScalerWatch._last
+                               else None) if s is not None]
+        self.units.forms.append(inspect_loss(loss, batch, scalers))
+        return loss
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -229,35 +270,43 @@ class GradStatsMonitor:
     def _step(self) -> StepStats:
         if not self.hooks.measuring:
             return self._unmeasured(f"not a measured step (measure_every={self.measure_every})")
-        self._check_coverage()
+        changed = self._coverage_changed()
+        if changed is not None:
+            return self._unmeasured(changed, skipped=True)
         self.hooks.flush()
         n_total, _, overflow = self.acc.totals()
         seen = [f for f in self._forwards if f.seen]
         if not seen and self._world_size() == 1:
             raise RuntimeError("step() called with no counted backward pass since the last step")
+        self.units.check(len(seen))
         if overflow:
             self.schedule.force()
             return self._unmeasured(f"{n_total} examples overflowed the accumulators under "
                                     "torch.compile; they grow for the next step", skipped=True)
         return self._statistics(n_total, seen)
 
-    def _check_coverage(self) -> None:
+    def _coverage_changed(self) -> str | None:
+        """When the trainable parameters changed since the monitor was built (a layer unfrozen,
+        a head replaced, a module added), re-attaches to the model as it is now and says so:
+        this step's statistics would leave the new parameters out."""
         now = trainable(self.model)
         if now == self._trainable:
-            return
+            return None
         added = [n for n, p in self.model.named_parameters() if id(p) in now - self._trainable]
         removed = len(self._trainable - now)
+        state = self.state_dict()
         self.hooks.detach()
         for h in self._bn_handles:
             h.remove()
         self._build()
+        self._restore_emas(state)
         self.schedule.force()
-        raise ContractError(
-            "the trainable parameters changed since the monitor was built ("
-            + (f"now trainable: {', '.join(added)}" if added else "")
-            + (f"{'; ' if added else ''}{removed} no longer trainable" if removed else "")
-            + "): this step's statistics would leave them out. The monitor re-attached to the "
-            "current model; statistics resume with the next step")
+        why = ("the trainable parameters changed ("
+               + (f"now trainable: {', '.join(added)}" if added else "")
+               + (f"{'; ' if added else ''}{removed} no longer trainable" if removed else "")
+               + "): this step is skipped; the monitor re-attached to the model as it is now")
+        warnings.warn(why, stacklevel=4)
+        return why
 
     def _statistics(self, n_total: int, seen: list[Forward]) -> StepStats:
         """``n_total`` columns were reserved by this step's forwards; the examples are those of
@@ -441,6 +490,13 @@ class GradStatsMonitor:
         """Smoothed statistics and the step count, to resume a run."""
         return {"steps": self._steps, "measured": self._measured, "ema": self.ema.state_dict(),
                 "layers": {n: e.state_dict() for n, e in self._layer_ema.items()}}
+
+    def _restore_emas(self, state: dict) -> None:
+        """Smoothed statistics of the layers that still exist (after a coverage change)."""
+        self.ema.load_state_dict(state["ema"])
+        for n, e in self._layer_ema.items():
+            if n in state["layers"]:
+                e.load_state_dict(state["layers"][n])
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self._layer_ema) - set(state["layers"])

@@ -8,6 +8,9 @@ of the contract probe (which precision the gradients passed through).
 """
 from __future__ import annotations
 
+import math
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -16,7 +19,8 @@ from torch import nn
 from .contract import unit_roundoff
 from .layers import ParamState
 
-__all__ = ["LossUnits", "hf_token_counts"]
+__all__ = ["LossUnits", "hf_token_counts", "LossForm", "inspect_loss", "check_forms",
+           "ScalerWatch"]
 
 _REDUCTIONS = ("mean", "sum", "token_mean")
 
@@ -55,6 +59,11 @@ class LossUnits:
                                              else None)
         self._scale: torch.Tensor | None = None
         self._autocast: torch.dtype | None = None
+        self.forms: list[LossForm] = []
+        self._watching = scaler is None
+        if self._watching:
+            ScalerWatch.acquire()
+        self._scaler_calls = ScalerWatch.calls()
 
     def reduction(self, args: tuple, kwargs: dict, batch: int) -> float | torch.Tensor:
         """``r_i`` for the examples of a forward that starts now."""
@@ -100,6 +109,23 @@ class LossUnits:
     def end_step(self) -> None:
         self._scale = None
         self._autocast = None
+        self.forms.clear()
+        self._scaler_calls = ScalerWatch.calls()
+
+    def check(self, micro_batches: int) -> None:
+        """The step's unit checks: the inspected losses against the declared units, and a
+        GradScaler that scaled a loss without being passed."""
+        from .contract import ContractError
+
+        if self._watching and ScalerWatch.calls() != self._scaler_calls:
+            last = ScalerWatch._last() if ScalerWatch._last is not None else None
+            if last is not None and last.is_enabled() and last.get_scale() != 1.0:
+                raise ContractError(
+                    "a GradScaler scaled a loss during this step but the monitor was built "
+                    "without it: pass scaler= to GradStatsMonitor (its changing scale would "
+                    "otherwise enter tr(Sigma) and |G|^2 squared)")
+        check_forms(self.forms, self.reduction_kind, self.accumulation, micro_batches,
+                    self.scaler_enabled())
 
     def roundoff(self, params: list[ParamState]) -> tuple[list[float], list[float]]:
         """Per parameter: the unit roundoff of the accumulation precision (float32 unless the
@@ -116,4 +142,127 @@ class LossUnits:
         return acc, store
 
     def detach(self) -> None:
-        """Nothing to undo yet (kept for the scaler watch of :meth:`__init__`)."""
+        if self._watching:
+            self._watching = False
+            ScalerWatch.release()
+
+# ----------------------------------------------------------------------------- unit checks
+@dataclass(frozen=True)
+class LossForm:
+    """What a loss tensor's graph says about its units: ``reduction`` over the examples
+    (``"mean"``, ``"sum"``, ``"token_mean"`` for a mean over more elements than examples, or
+    None when the graph does not say), ``factor`` the scalar it was multiplied by afterwards
+    (``1/k`` for accumulation), and ``scaled`` whether a GradScaler's scale multiplies it."""
+
+    reduction: str | None
+    factor: float
+    scaled: bool
+
+
+_MEAN_NODES = {"MeanBackward0"}
+_SUM_NODES = {"SumBackward0"}
+
+
+def inspect_loss(loss: torch.Tensor, batch: int | None,
+                 scalers: list[torch.amp.GradScaler] = ()) -> LossForm:
+    """Reads a scalar loss's autograd graph from the top: scalar multiplies and divides (their
+    product is ``factor``; a GradScaler's scale tensor is recognised as such), down to the
+    reduction node."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.grad_fn is None:
+        raise ValueError("loss must be a scalar tensor that requires grad")
+    scale_ptrs = {s._scale.data_ptr() for s in scalers if getattr(s, "_scale", None) is not None}
+    node, factor, scaled = loss.grad_fn, 1.0, False
+    for _ in range(64):
+        name = type(node).__name__
+        nxt = [n for n, _ in node.next_functions if n is not None]
+        if name in ("MulBackward0", "DivBackward0") and len(nxt) == 1:
+            other = getattr(node, "_saved_other", None)
+            if not isinstance(other, torch.Tensor) or other.numel() != 1:
+                return LossForm(None, factor, scaled)
+            if name == "MulBackward0" and other.data_ptr() in scale_ptrs:
+                scaled = True
+            else:
+                v = float(other)
+                factor = factor * v if name == "MulBackward0" else factor / v
+            node = nxt[0]
+            continue
+        if name in _SUM_NODES:
+            return LossForm("sum", factor, scaled)
+        if name in _MEAN_NODES:
+            n = math.prod(node._saved_self_sym_sizes)
+            return LossForm("mean" if n == batch else "token_mean", factor, scaled)
+        reduction = getattr(node, "_saved_reduction", None)
+        if reduction == 2:
+            return LossForm("sum", factor, scaled)
+        if reduction == 1:  # a loss function's own mean: over its targets, or its elements
+            total = getattr(node, "_saved_total_weight", None)
+            count = float(total) if isinstance(total, torch.Tensor) else node._saved_self.numel()
+            return LossForm("mean" if count == batch else "token_mean", factor, scaled)
+        return LossForm(None, factor, scaled)
+    return LossForm(None, factor, scaled)
+
+
+def check_forms(forms: list[LossForm], declared: str, accumulation: str, micro_batches: int,
+                has_scaler: bool) -> None:
+    """Raises ContractError, naming the mismatch, when the inspected losses of a step contradict
+    the monitor's declared units."""
+    from .contract import ContractError
+
+    for f in forms:
+        if declared == "token_mean":  # a token sum over a token count reads as a scaled sum
+            f = LossForm(None, 1.0 / micro_batches if accumulation == "mean" else 1.0, f.scaled)
+        if f.reduction is not None and f.reduction != declared:
+            raise ContractError(
+                f"the loss is a {f.reduction} over the batch but the monitor was built with "
+                f"loss_reduction={declared!r}: tr(Sigma) and |G|^2 would be off by the batch "
+                "size squared; pass loss_reduction=" + repr(f.reduction))
+        if f.scaled and not has_scaler:
+            raise ContractError("a GradScaler scales this loss but the monitor was built "
+                                "without it: pass scaler= to GradStatsMonitor")
+        want = 1.0 / micro_batches if accumulation == "mean" else 1.0
+        if not math.isclose(f.factor, want, rel_tol=1e-6):
+            if accumulation == "mean":
+                hint = (f"each of the {micro_batches} micro-batch losses must be divided by "
+                        f"{micro_batches}, found a factor {f.factor:.6g}")
+            else:
+                hint = (f"the losses carry a factor {f.factor:.6g} but accumulation='sum' "
+                        "declares none")
+            raise ContractError(f"accumulation={accumulation!r}: {hint}; statistics would be "
+                                "off by its square")
+
+
+class ScalerWatch:
+    """Notices a GradScaler scaling a loss while a monitor built without ``scaler=`` runs: wraps
+    ``torch.amp.GradScaler.scale`` while such monitors exist (and restores it after)."""
+
+    _users = 0
+    _calls = 0
+    _last: weakref.ref | None = None
+    _original: Any = None
+
+    @classmethod
+    def acquire(cls) -> None:
+        if cls._users == 0:
+            original = torch.amp.GradScaler.scale
+            cls._original = original
+
+            def scale(self, outputs):
+                if self.is_enabled():
+                    ScalerWatch._calls += 1
+                    ScalerWatch._last = weakref.ref(self)
+                return original(self, outputs)
+
+            scale.__doc__ = original.__doc__
+            torch.amp.GradScaler.scale = scale
+        cls._users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls._users -= 1
+        if cls._users == 0 and cls._original is not None:
+            torch.amp.GradScaler.scale = cls._original
+            cls._original = None
+
+    @classmethod
+    def calls(cls) -> int:
+        return cls._calls

@@ -368,8 +368,8 @@ def test_non_finite_values_are_refused_and_skipped_under_a_scaler():
         mon.step()
     model.zero_grad()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    mon2 = GradStatsMonitor(model, scaler=scaler)
     mon.detach()
+    mon2 = GradStatsMonitor(model, scaler=scaler)
     scaler.scale(example_losses(model(X), Y).mean()).backward()
     stats = mon2.step()
     assert stats.skipped and "non-finite" in stats.skip_reason and mon2.ema.steps == 0

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, vjp
 from torch.utils._pytree import tree_flatten
 
 from .base import Rule, dense_probe
@@ -28,24 +28,36 @@ class FallbackRule(Rule):
                     ) -> dict[str, torch.Tensor]:
         """Per-example gradients ``[B, *shape]`` of the module's own trainable parameters from
         the gradient ``G`` of output leaf ``index`` (the other outputs' gradients zero)."""
+        from .functional import _batch_axis, per_example
+
         args, kwargs = saved
-        B = G.shape[0]
+        first = next(a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0)
+        B = first.shape[0]
         params = {k: p.detach() for k, p in module.named_parameters(recurse=False)
                   if p.requires_grad}
-        in_dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B
-                        else None for a in args)
+        batched = [i for i, a in enumerate(args)
+                   if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B]
 
-        def one(g, *a):
-            a = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(a, in_dims))
+        def call(p, xs):
+            a = list(args)
+            for i, x in zip(batched, xs):
+                a[i] = x
+            return tree_flatten(functional_call(module, p, tuple(a), kwargs, strict=False))[0]
 
-            def leaf(p):
-                out, _ = tree_flatten(functional_call(module, p, a, kwargs, strict=False))
-                return out[index]
+        name = type(module).__name__
+        with torch.no_grad():
+            full, single = call(params, [args[i] for i in batched]), call(
+                params, [args[i][:1] for i in batched])
+        axis = _batch_axis(full[index], single[index], B, name)
+        keys = list(params)
 
-            _, pull = vjp(leaf, params)
-            return pull(g.unsqueeze(0))[0]
+        def one(xs, g):
+            _, pull = vjp(lambda *pv: call(dict(zip(keys, pv)), [x.unsqueeze(0) for x in xs])[index],
+                          *params.values())
+            return pull(g.unsqueeze(axis))
 
-        return vmap(one, in_dims=(0, *in_dims))(G, *args)
+        grads = per_example(one, tuple(args[i] for i in batched), G.movedim(axis, 0), name)
+        return dict(zip(keys, grads))
 
     def collect_output(self, module, saved, index, grad, sink, stash) -> None:
         """Hands output ``index``'s per-example contributions to ``stash(name, [B, ...])``, which

@@ -210,48 +210,55 @@ class FunctionLevel:
         return Yt
 
     def _per_call(self, func, args, kwargs, derived, fwd):
-        """``torch.func`` for one call: vmap over the examples of the vector-Jacobian product of
-        the call with respect to its derived operands."""
+        """``torch.func`` for one call: per example, the vector-Jacobian product of the call with
+        respect to its derived operands (vmap, or a loop where vmap has no batching rule)."""
         leaves, spec = tree_flatten((args, kwargs))
         idx_d = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and id(t) in derived]
         idx_b = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)
                  and i not in idx_d and self.prov.derived(t) is None]
         name = getattr(func, "__name__", repr(func))
-        batched = [self.prov.batch_first(leaves[i], name) for i in idx_b]
-        for i in idx_d:
-            self._count(derived[id(leaves[i])], fwd)
+        batched = [self.prov.batch_first(leaves[i], name).detach() for i in idx_b]
         out = func(*args, **kwargs)
-        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        outs = tree_flatten(out)[0]
+        wanted = [j for j, t in enumerate(outs) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not wanted:
             return out
+        for _ in wanted:  # each output is a use: their contributions get cross terms
+            for i in idx_d:
+                self._count(derived[id(leaves[i])], fwd)
         ys = [leaves[i].detach() for i in idx_d]
         consts = list(leaves)
 
-        def one(xs, g):
-            def f(*yv):
-                new = list(consts)
-                for i, x in zip(idx_b, xs):
-                    new[i] = x.unsqueeze(0)
-                for i, y in zip(idx_d, yv):
-                    new[i] = y
-                a, kw = tree_unflatten(new, spec)
-                return func(*a, **kw)
+        def call(xs, yv):
+            new = list(consts)
+            for i, x in zip(idx_b, xs):
+                new[i] = x
+            for i, y in zip(idx_d, yv):
+                new[i] = y
+            a, kw = tree_unflatten(new, spec)
+            return tree_flatten(func(*a, **kw))[0]
 
-            _, pull = vjp(f, *ys)
-            return pull(g.unsqueeze(0))
+        with torch.no_grad():  # each output's batch axis: where one example gives size 1
+            single = call([x[:1] for x in batched], ys)
+        axes = {j: _batch_axis(outs[j], single[j], self.prov.batch, name) for j in wanted}
 
-        def hook(g):
-            g = self.prov.batch_first(g, name) if g.shape[0] != self.prov.batch else g
-            try:
-                grads = vmap(one)(tuple(x.detach() for x in batched), g)
-            except Exception as e:  # torch.func has no batching rule for this call
-                raise ProvenanceError(
-                    f"gradstats cannot take per-example gradients of a parameter used in "
-                    f"{name} ({type(e).__name__}: {e}); pass unsupported='ignore' to leave "
-                    "it out") from e
-            for i, gy in zip(idx_d, grads):
-                self._backward(derived[id(leaves[i])], gy, fwd)
+        def hook_for(j):
+            axis = axes[j]
 
-        out.register_hook(hook)
+            def one(xs, gi):
+                _, pull = vjp(lambda *yv: call([x.unsqueeze(0) for x in xs], yv)[j], *ys)
+                return pull(gi.unsqueeze(axis))
+
+            def hook(g):
+                gs = g.movedim(axis, 0)
+                grads = per_example(one, tuple(batched), gs, name)
+                for i, gy in zip(idx_d, grads):
+                    self._backward(derived[id(leaves[i])], gy, fwd)
+
+            return hook
+
+        for j in wanted:
+            outs[j].register_hook(hook_for(j))
         return out
 
     # ------------------------------------------------------------------------- rules
@@ -476,6 +483,36 @@ class _Call:
 
     def factors(self, *a):
         return self.rule.factors(*a)
+
+
+def _batch_axis(full: torch.Tensor, single: torch.Tensor, B: int, what: str) -> int:
+    """The dim of an output that runs over the examples: size B for the batch, 1 for one
+    example."""
+    if full.dim() == single.dim():
+        for d in range(full.dim()):
+            if full.shape[d] == B and single.shape[d] == 1 and (B != 1 or d == 0):
+                return d
+        if B == 1 and full.dim():
+            return 0
+    raise ProvenanceError(f"{what}: cannot tell which dim of its {tuple(full.shape)} output runs "
+                          "over the examples; for a module such as nn.LSTM pass "
+                          "unsupported='fallback' (torch.func over the whole module)")
+
+
+def per_example(one: Callable, xs: tuple, g: torch.Tensor, what: str):
+    """``one(x_i, g_i)`` for every example (dim 0 of ``xs`` and ``g``), stacked: through vmap,
+    or a loop where torch.func has no batching rule for the call."""
+    try:
+        return vmap(one)(xs, g)
+    except Exception:  # noqa: BLE001 - a missing batching rule raises several kinds
+        pass
+    try:
+        rows = [one(tuple(x[i] for x in xs), g[i]) for i in range(g.shape[0])]
+    except Exception as e:
+        raise ProvenanceError(f"gradstats cannot take per-example gradients through {what} "
+                              f"({type(e).__name__}: {e}); pass unsupported='ignore' to leave "
+                              "its parameters out") from e
+    return tuple(torch.stack(parts) for parts in zip(*rows))
 
 
 def _batch_first(prov: Provenance, t: torch.Tensor, layout: Layout, what: str) -> torch.Tensor:
