@@ -20,11 +20,12 @@ buffers grow.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .rules.base import PROBES
 
-__all__ = ["Accumulators"]
+__all__ = ["Accumulators", "Packing"]
 
 
 class Accumulators:
@@ -89,3 +90,30 @@ class Accumulators:
         self.dev_forwards.zero_()
         if grow_to > self.capacity:
             self._grow(grow_to)
+
+
+class Packing:
+    """Named float64 fields in one flat device tensor, so that one all-reduce (of the fields
+    named in ``reduced``, which come first) and one transfer to the host carry them all."""
+
+    def __init__(self, reduced: tuple[str, ...], **fields: torch.Tensor):
+        order = [*reduced, *(k for k in fields if k not in reduced)]
+        self._shapes = {k: tuple(fields[k].shape) for k in order}
+        self._reduced = sum(fields[k].numel() for k in reduced)
+        self.flat = torch.cat([fields[k].reshape(-1).to(torch.float64) for k in order])
+        self._host: np.ndarray | None = None
+
+    def reduced_view(self) -> torch.Tensor:
+        return self.flat[:self._reduced]
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        self._host = self.flat.cpu().numpy()
+        out, at = {}, 0
+        for k, shape in self._shapes.items():
+            size = int(np.prod(shape)) if shape else 1
+            out[k] = self._host[at:at + size].reshape(shape)
+            at += size
+        return out
+
+    def finite(self) -> bool:
+        return bool(np.isfinite(self._host).all())

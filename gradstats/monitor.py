@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import contract, ops
-from .accumulators import Accumulators
+from .accumulators import Accumulators, Packing
 from .contract import ContractError, ProbeSchedule
 from .estimators import NoiseScaleEMA, step_estimate
 from .hooks import Forward, Hooks
@@ -335,26 +335,27 @@ class GradStatsMonitor:
         side = contract.grad_summaries(
             [None if g is None else g.detach() for g in grads], [p.probe_rows for p in P],
             [p.probe_xy()[0] for p in P], [p.probe_xy()[1] for p in P], self._probing, device)
-        packed = torch.cat([
-            per_slot, self.acc.P.flatten(),
-            torch.stack([torch.tensor(float(sum(sizes)), dtype=torch.float64, device=device),
-                         c_loc.sum(), c_loc.square().sum(),
-                         torch.tensor(float(anomaly), dtype=torch.float64, device=device)])])
+        f64 = dict(dtype=torch.float64, device=device)
+        # summed over ranks: the hooks' side; the same on every rank: the .grad side
+        packing = Packing(reduced=("sums", "hook_probe", "counts"),
+                          sums=per_slot, hook_probe=self.acc.P,
+                          counts=torch.stack([torch.tensor(float(sum(sizes)), **f64),
+                                              c_loc.sum(), c_loc.square().sum(),
+                                              torch.tensor(float(anomaly), **f64)]),
+                          grad_side=side)
         world = self._world_size()
         if world > 1:
-            torch.distributed.all_reduce(packed, group=self.process_group)
-        host = torch.cat([packed, side.flatten()]).cpu().numpy()
-        per_example = (E * inv_c2).sum(0) if n_local else torch.zeros(0, dtype=torch.float64)
+            torch.distributed.all_reduce(packing.reduced_view(), group=self.process_group)
+        host = packing.to_host()
+        per_example = (E * inv_c2).sum(0) if n_local else torch.zeros(0, **f64)
         if len(seen) < len(self._forwards):
             per_example = torch.cat([per_example[f.rows] for f in seen])
         per_example = per_example.cpu()
-        sums = host[:S]
-        hook_probe = host[S:S + S * 2 * PROBES].reshape(S, 2 * PROBES)
-        n, C, Q, anomalies = host[S + S * 2 * PROBES:S + S * 2 * PROBES + 4]
-        grad_side = host[S + S * 2 * PROBES + 4:].reshape(S, 1 + 2 * PROBES)
+        sums, hook_probe, grad_side = host["sums"], host["hook_probe"], host["grad_side"]
+        n, C, Q, anomalies = host["counts"]
         n = int(round(n))
 
-        if not (np.isfinite(host).all() and bool(torch.isfinite(per_example).all())):
+        if not (packing.finite() and bool(torch.isfinite(per_example).all())):
             bad = [p.qualname for i, p in enumerate(P)
                    if not (np.isfinite(hook_probe[i]).all() and np.isfinite(grad_side[i]).all()
                            and np.isfinite(sums[i]))]

@@ -18,7 +18,7 @@ import math
 from typing import NamedTuple
 
 __all__ = [
-    "RULES",
+    "LR_RULES",
     "AdamSDEScaling",
     "adam_b_noise2",
     "adam_b_noise2_from_peak",
@@ -334,7 +334,8 @@ def adascale_gain_from_b_simple(
 
 
 # --------------------------------------------------------------------------- rule dispatch
-RULES = ("constant", "linear", "sqrt", "sgd-optimal", "adam-optimal", "adam-surge",
+#: the learning-rate rules (not to be confused with the layer rules of gradstats.rules)
+LR_RULES = ("constant", "linear", "sqrt", "sgd-optimal", "adam-optimal", "adam-surge",
          "adam-sign-descent")
 
 
@@ -348,7 +349,7 @@ def lr_ratio(
     beta_noise: float | None = None,
     off_ratio: float | None = None,
 ) -> float:
-    """``eta(B) / eta(B0)`` under ``rule`` (one of :data:`RULES`): the factor to apply to an lr
+    """``eta(B) / eta(B0)`` under ``rule`` (one of :data:`LR_RULES`): the factor to apply to an lr
     tuned at ``base_batch_size``. "sgd-optimal" needs ``b_noise``; "adam-optimal" needs
     ``kappa2``; "adam-surge" needs ``kappa2`` and ``beta_noise``; "adam-sign-descent" (the
     measured curve of :func:`adam_sign_descent_lr`, defined with or without a peak) needs
@@ -381,4 +382,4 @@ def lr_ratio(
             raise ValueError(f"off_ratio must be > -1 (s^T H s > 0), got {off_ratio!r}")
         return adam_sign_descent_lr(1.0, 1.0, 1.0 + rho, k2, b) / adam_sign_descent_lr(
             1.0, 1.0, 1.0 + rho, k2, b0)
-    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    raise ValueError(f"rule must be one of {LR_RULES}, got {rule!r}")

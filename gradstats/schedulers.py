@@ -22,7 +22,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .scaling import RULES, adam_b_noise2_from_sums, adam_plateau_batch_size, lr_ratio
+from .scaling import LR_RULES, adam_b_noise2_from_sums, adam_plateau_batch_size, lr_ratio
 
 __all__ = [
     "AdaScaleLR",
@@ -222,8 +222,8 @@ class BatchSizeRuleLR(LRScheduler):
         off_ratio: float | None = None,
         last_epoch: int = -1,
     ) -> None:
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if rule not in LR_RULES:
+            raise ValueError(f"rule must be one of {LR_RULES}, got {rule!r}")
         self.rule = rule
         self.base_batch_size = float(base_batch_size)
         self.batch_size = float(base_batch_size if batch_size is None else batch_size)
@@ -344,8 +344,8 @@ class BatchSizeController:
             raise ValueError(f"alpha must be finite and > 0, got {alpha!r}")
         if not hysteresis >= 0:
             raise ValueError(f"hysteresis must be >= 0, got {hysteresis!r}")
-        if lr_rule not in RULES:
-            raise ValueError(f"lr_rule must be one of {RULES}, got {lr_rule!r}")
+        if lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule must be one of {LR_RULES}, got {lr_rule!r}")
         self.alpha, self.hysteresis, self.lr_rule = float(alpha), float(hysteresis), lr_rule
         self.warmup_steps = _int_arg("warmup_steps", warmup_steps, 0)
         self.optimizer = optimizer

@@ -7,7 +7,7 @@ on the attention output. A module called twice per forward gets its cross terms 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -29,8 +29,8 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
-from ..provenance import ELEMENTWISE, Derived, Layout, Provenance, ProvenanceError, alignment
-from .base import Factor, Sink, dense_probe, probe_full
+from ..provenance import Derived, Layout, Provenance, ProvenanceError, alignment
+from .base import Factor, Sink, dense_probe
 
 __all__ = ["FunctionLevel"]
 

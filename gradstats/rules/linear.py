@@ -1,7 +1,6 @@
 """nn.Linear: |dW_i|^2 = |sum_t g_t a_t^T|_F^2 through the gradstats kernels, bias |sum_t g_t|^2."""
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
