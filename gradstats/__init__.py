@@ -23,10 +23,11 @@ _EXPORTS = {
     "Rule": ".rules", "Sink": ".rules", "register_rule": ".rules",
     "CurvatureEstimator": ".curvature", "CurvatureResult": ".curvature", "hvp": ".curvature",
     "AdamNoiseEstimator": ".adam", "AdamNoiseResult": ".adam",
+    "TwoBatchEstimator": ".twobatch", "TwoBatchStats": ".twobatch",
 }
 _SUBMODULES = {"ops", "reference", "scaling", "schedulers", "critical", "curvature",
                "estimators", "monitor", "contract", "rules", "stats", "units", "provenance",
-               "adam", "moments", "kernels", "logs", "integrations"}
+               "adam", "moments", "kernels", "logs", "integrations", "twobatch", "hvp"}
 
 __all__ = ["__version__", *_EXPORTS]
 
