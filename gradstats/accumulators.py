@@ -20,6 +20,8 @@ buffers grow.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -110,7 +112,7 @@ class Packing:
         self._host = self.flat.cpu().numpy()
         out, at = {}, 0
         for k, shape in self._shapes.items():
-            size = int(np.prod(shape)) if shape else 1
+            size = math.prod(shape)
             out[k] = self._host[at:at + size].reshape(shape)
             at += size
         return out

@@ -72,7 +72,7 @@ def _unpack(packed: tuple, unpack: Callable | None) -> tuple:
 
 def _in_recomputation() -> bool:
     """Whether this forward is non-reentrant checkpointing's recomputation inside backward."""
-    if torch._C._current_graph_task_id() == -1 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
         return False
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
     return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")

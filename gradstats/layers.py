@@ -90,6 +90,37 @@ def trainable(model: nn.Module) -> frozenset[int]:
     return frozenset(id(p) for p in model.parameters() if p.requires_grad)
 
 
+class StructureWatch:
+    """Counts registrations of modules and parameters anywhere (torch's global registration
+    hooks), so that a monitor can tell cheaply whether a model may have changed since it was
+    built: a new epoch, or a parameter's ``requires_grad`` flipped."""
+
+    epoch = 0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        from torch.nn.modules import module as M
+
+        def bump(*_):
+            cls.epoch += 1
+
+        M.register_module_module_registration_hook(bump)
+        M.register_module_parameter_registration_hook(bump)
+        cls._installed = True
+
+    def __init__(self, model: nn.Module):
+        self.install()
+        self.epoch_at = StructureWatch.epoch
+        self.params = [(p, p.requires_grad) for p in model.parameters()]
+
+    def maybe_changed(self) -> bool:
+        return (StructureWatch.epoch != self.epoch_at
+                or any(p.requires_grad != flag for p, flag in self.params))
+
+
 def discover(model: nn.Module, *, fallback: bool, functional: bool, seed: int) -> Coverage:
     """Covers every trainable parameter: module rules first (in module order), then (with
     ``functional``) the function level for the rest, or with ``fallback`` the torch.func rule

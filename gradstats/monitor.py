@@ -24,7 +24,7 @@ from .accumulators import Accumulators, Packing
 from .contract import ContractError, ProbeSchedule
 from .estimators import NoiseScaleEMA, step_estimate
 from .hooks import Forward, Hooks
-from .layers import discover, trainable
+from .layers import StructureWatch, discover, trainable
 from .provenance import find_batch
 from .rules.base import PROBES
 from .stats import LayerStats, LayerTable, StepStats
@@ -145,6 +145,7 @@ class GradStatsMonitor:
                                      "batch dim is fixed")
         self._params = self.coverage.params
         self._trainable = trainable(self.model)
+        self._structure = StructureWatch(self.model)
         self._layer_ema = {n: NoiseScaleEMA(self._beta) for n in self.coverage.layer_names}
         self._layer_index = np.array([self.coverage.layer_names.index(p.layer)
                                       for p in self._params])
@@ -289,8 +290,11 @@ class GradStatsMonitor:
         """When the trainable parameters changed since the monitor was built (a layer unfrozen,
         a head replaced, a module added), re-attaches to the model as it is now and says so:
         this step's statistics would leave the new parameters out."""
+        if not self._structure.maybe_changed():
+            return None
         now = trainable(self.model)
         if now == self._trainable:
+            self._structure = StructureWatch(self.model)
             return None
         added = [n for n, p in self.model.named_parameters() if id(p) in now - self._trainable]
         removed = len(self._trainable - now)

@@ -489,3 +489,26 @@ def test_conv_strategies_match_torch_func(make, x_shape, want):
     G = 2 * conv(x).detach()
     got = rule_for(conv).norms(conv, x, G)["weight"]
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("pad", [None, 2])
+@pytest.mark.parametrize("scale", [False, True])
+def test_embedding_segment_sums_without_a_host_round_trip_agree(pad, scale):
+    """The GPU route (fixed-size segments, no unique/nonzero) equals the CPU route."""
+    from gradstats.rules.embedding import EmbeddingRule, segment_sq_norms
+
+    torch.manual_seed(torch.seed() % 2**31)
+    key = torch.randint(0, 40, (200,))
+    g = torch.randn(200, 7, dtype=torch.float64)
+    k1, s1 = segment_sq_norms(key, g, fixed_size=False)
+    k2, s2 = segment_sq_norms(key, g, fixed_size=True)
+    used = s2 > 0
+    torch.testing.assert_close(k2[used], k1, rtol=0, atol=0)
+    torch.testing.assert_close(s2[used], s1, rtol=1e-12, atol=0)
+    emb = nn.Embedding(9, 4, padding_idx=pad, scale_grad_by_freq=scale).double()
+    ids = torch.randint(0, 9, (5, 6))
+    G = torch.randn(5, 6, 4, dtype=torch.float64)
+    rule = EmbeddingRule()
+    want = rule.per_example_norms(emb, ids, G, fixed_size=False)
+    got = rule.per_example_norms(emb, ids, G, fixed_size=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

@@ -188,7 +188,8 @@ def cross_term(f1: Factor, f2: Factor) -> torch.Tensor:
                             else (f2.rows, f1.row_ids, True))
         T_dense = dense.shape[1]
         idx = ids.clamp_min(0)[:, None, :].expand(-1, T_dense, -1)
-        kg = dense.double().gather(2, idx) * (ids >= 0)[:, None, :]
+        # gather at the ids first: never a float64 copy of a [B, T, vocab] logits gradient
+        kg = dense.gather(2, idx).double() * (ids >= 0)[:, None, :]
         if flip:
             kg = kg.transpose(1, 2)
     else:

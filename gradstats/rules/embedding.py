@@ -43,8 +43,29 @@ def _scale(module: nn.Embedding, ids: torch.Tensor, dtype: torch.dtype) -> torch
     """``[V]`` per-id factors ``1 / c_v`` (batch counts) under ``scale_grad_by_freq``."""
     if not module.scale_grad_by_freq:
         return None
-    counts = torch.bincount(ids, minlength=module.num_embeddings).to(dtype)
+    counts = torch.zeros(module.num_embeddings, dtype=dtype, device=ids.device)
+    counts.index_add_(0, ids, torch.ones_like(ids, dtype=dtype))
     return counts.clamp_min(1).reciprocal()
+
+
+def segment_sq_norms(key: torch.Tensor, g: torch.Tensor, fixed_size: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``g`` ``[N, d]`` grouped by equal ``key``: each group's key and the squared norm
+    of its row sum. One sort; then either the exact groups (``torch.unique_consecutive``, whose
+    size the host must read) or, with ``fixed_size`` (GPUs: no host round trip), ``N`` slots of
+    which the unused ones hold key 0 and norm 0."""
+    sorted_keys, order = torch.sort(key)
+    if not fixed_size:
+        keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+        sums = F.embedding_bag(order, g, counts.cumsum(0) - counts, mode="sum")
+        return keys, torch.linalg.vector_norm(sums, dim=1).square()
+    start = torch.ones_like(sorted_keys, dtype=torch.bool)
+    start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    slot_sorted = start.cumsum(0) - 1
+    slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
+    sums = torch.zeros_like(g).index_add_(0, slot, g)
+    keys = torch.zeros_like(sorted_keys).scatter_(0, slot_sorted, sorted_keys)
+    return keys, torch.linalg.vector_norm(sums, dim=1).square()
 
 
 def _pad_mask(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor | None:
@@ -74,8 +95,10 @@ class EmbeddingRule(Rule):
         if vec is not None:
             sink.probe("weight", self._probe(module, saved[0], grad_output, vec))
 
-    def per_example_norms(self, module, ids, grad_output) -> torch.Tensor:
-        """``[B]`` squared norms of each example's table gradient."""
+    def per_example_norms(self, module, ids, grad_output, fixed_size: bool | None = None
+                          ) -> torch.Tensor:
+        """``[B]`` squared norms of each example's table gradient (``fixed_size``: the route
+        without a host round trip; by default on CUDA only)."""
         ids, g, B = _flat(module, ids, grad_output)
         ids = ids.long()
         dt = torch.promote_types(g.dtype, torch.float32)
@@ -85,16 +108,13 @@ class EmbeddingRule(Rule):
         pad = _pad_mask(module, ids)
         if pad is not None:  # one segment past every real key (owner B), dropped below
             key = key.masked_fill(pad, B * V)
-        # Positions grouped by (example, id): one sort, then each group's gradient sum through
-        # embedding_bag (a fast segment sum over rows of g taken in sorted order).
-        sorted_keys, order = torch.sort(key)
-        keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-        sums = F.embedding_bag(order, g.to(dt), counts.cumsum(0) - counts, mode="sum")
-        sq = torch.linalg.vector_norm(sums, dim=1).square()  # one pass, no [U, d] temporary
+        keys, sq = segment_sq_norms(key, g.to(dt),
+                                    fixed_size=ids.is_cuda if fixed_size is None else fixed_size)
         scale = _scale(module, ids, dt)
         if scale is not None:
             sq = sq * scale[keys.remainder(V)].square()
-        return torch.bincount(keys // V, weights=sq, minlength=B + 1)[:B].to(dt)
+        owner = (keys // V).clamp_max(B)  # padding positions' segment is owned by "B": dropped
+        return torch.zeros(B + 1, dtype=dt, device=g.device).index_add_(0, owner, sq)[:B]
 
     def factors(self, module, saved, grad_output):
         """``dE_i = sum_t e_{x_it} (s_{x_it} g_it)^T``: one-hot rows given by the ids (-1 at
