@@ -3,24 +3,27 @@
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh        # on a GPU machine, from the repo root
 #   bash benchmarks/gpu_suite.sh --dry-run            # anywhere: every stage's Python on the CPU,
 #                                                     # tiny shapes; GPU-only stages skipped by name
-# Stages, cheapest and most telling first; each runs under its own time limit, never more than
-# what is left of SUITE_BUDGET_S (default 285), and writes its table or log to $OUT as it ends:
+# Stages, most telling first; each runs under its own time limit, never more than what is left
+# of SUITE_BUDGET_S (default 285), and writes its table or log to $OUT as it ends (the kernel
+# table after every shape):
 #   env           nvidia-smi, python, torch, triton, nvcc, compute-sanitizer        -> suite.log
 #   triton_tests  pytest -m cuda tests/test_triton.py: the compiled Triton kernels against
 #                 the float64 reference (needs no C++ build)                        -> tests.log
-#   kernels       bench_triton.py --stage kernels: fused dW + norms vs the cuBLAS dW GEMM, CUDA
-#                 events, medians, T in {128, 512, 1024, 2048} (no build needed)  -> triton_kernels_*
 #   build         pip install --no-build-isolation -e . with GRADSTATS_FORCE_CUDA=1,
 #                 TORCH_CUDA_ARCH_LIST=9.0                                          -> build.log
+#   kernels       bench_triton.py --stage kernels: fused dW + norms vs the cuBLAS dW GEMM, CUDA
+#                 events, medians, T in {128, 512, 1024, 2048}; today's CUDA op where built
+#                                                                           -> triton_kernels_*
+#   gpt2          bench_triton.py --stage gpt2: HF GPT-2 small step, plain vs the monitor vs
+#                 Opacus ghost clipping (benchmarks/wheels/opacus-*.whl if present) -> gpt2_step_*
 #   cuda_tests    pytest -m cuda tests, test_triton.py excepted (already run)       -> tests.log
 #   sanitizer     compute-sanitizer memcheck and racecheck (gradstats kernels only) on every
 #                 Triton kernel and every CUDA op, small shapes                     -> sanitizer.log
-#   gpt2          bench_triton.py --stage gpt2: HF GPT-2 small step, plain vs the monitor vs Opacus
-#                 ghost clipping; Opacus from benchmarks/wheels/opacus-*.whl if present -> gpt2_step_*
 # At most 8 files come back from $OUT: suite.log, tests.log, build.log, sanitizer.log and the
 # two .md/.json pairs. No autotuning: the kernels' tiles are fixed per shape by the cost model.
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed.
 # Environment: OUT (default ./gpu-suite-out), PYTHON (python3), SUITE_BUDGET_S (285),
+# STAGES (a subset, e.g. "build cuda_tests sanitizer" for a rerun; the order stays the one below),
 # TORCH_CUDA_ARCH_LIST (9.0), CUDA_HOME (else found from nvcc), WHEELS (benchmarks/wheels).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -48,6 +51,7 @@ say() { echo "$*" | tee -a "$LOG"; }
 stage() {
   local name=$1 max=$2
   shift 2
+  if [[ -n "${STAGES:-}" && " $STAGES " != *" $name "* ]]; then return; fi
   local left=$((BUDGET - (SECONDS - START)))
   local limit=$((max < left ? max : left))
   say ""
@@ -58,18 +62,20 @@ stage() {
   fi
   say "=== $name (limit ${limit} s, at $((SECONDS - START)) s)"
   local t0=$SECONDS rc=0
-  timeout --kill-after=5 "$limit" bash -c '"$@"' _ "$@" 2>&1 | tee -a "$LOG" || rc=$?
+  timeout --kill-after=5 "$limit" bash -o pipefail -c '"$@"' _ "$@" 2>&1 | tee -a "$LOG" || rc=$?
   if ((rc == 0)); then
     say "=== $name: ok ($((SECONDS - t0)) s)"
   else
-    ((rc == 124)) && say "=== $name: TIMED OUT after ${limit} s" || say "=== $name: FAILED (exit $rc)"
+    if ((rc == 124)); then say "=== $name: TIMED OUT after ${limit} s"
+    else say "=== $name: FAILED (exit $rc)"; fi
     failed+=("$name")
   fi
 }
 
 gpu_only() { say "skipped (GPU only, --dry-run): $*"; }
 
-if [[ -z "${CUDA_HOME:-}" ]] && ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+if [[ -z "${CUDA_HOME:-}" ]] && ! command -v nvcc >/dev/null &&
+  [[ -x /usr/local/cuda/bin/nvcc ]]; then
   export CUDA_HOME=/usr/local/cuda PATH=/usr/local/cuda/bin:$PATH
 fi
 
@@ -156,6 +162,11 @@ for dt, up in ((torch.bfloat16, dev == "cpu"), (torch.float16, False), (torch.fl
             close(r.dW, dw, 1e-3, "dW"); close(r.weight_norms, nw, 1e-3, "norms")
             close(r.db, db, 1e-3, "db"); close(r.bias_norms, nb, 1e-3, "bias norms")
             close(kernels.gram_norms(A, G, deterministic=det, upcast=up or None), nw, 1e-3, "gram")
+# autocast's mixed inputs: float32 A, half G (A rounded to G's dtype after the load)
+for half in (torch.float16,) + ((torch.bfloat16,) if dev == "cuda" else ()):
+    A, G = torch.randn(4, 33, 48, device=dev), torch.randn(4, 33, 40, device=dev).to(half)
+    r = kernels.fused_linear(A, G)
+    close(r.weight_norms, reference.linear_norms(A.to(half), G)[0], 1e-3, "mixed")
 if dev == "cuda":
     import gradstats
     for dt in (torch.float32, torch.float16):
@@ -183,7 +194,10 @@ sanitizer() {
   for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
     [[ -z "$cs" && -n "$d" && -x "$d/bin/compute-sanitizer" ]] && cs="$d/bin/compute-sanitizer"
   done
-  if [[ -z "$cs" ]]; then echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer.log"; return 0; fi
+  if [[ -z "$cs" ]]; then
+    echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer.log"
+    return 0
+  fi
   # without the caching allocator every tensor is its own allocation, so overruns are seen
   echo "--- memcheck ($cs), gradstats kernels only" | tee "$OUT/sanitizer.log"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --kernel-name kns=gradstats \
@@ -215,14 +229,15 @@ export -f say gpu_only env_stage triton_tests bench build cuda_tests sanitizer g
 
 stage env 20 env_stage
 stage triton_tests 60 triton_tests
+stage build 110 build
 stage kernels 60 bench kernels
-stage build 100 build
-stage cuda_tests 40 cuda_tests
-stage sanitizer 45 sanitizer
 stage gpt2 60 gpt2
+stage cuda_tests 40 cuda_tests
+stage sanitizer 60 sanitizer
 
 say ""
-say "GPU suite$( ((DRY)) && echo ' (dry run)'): $((SECONDS - START)) s of ${BUDGET} s; files in $OUT:"
+say "GPU suite$( ((DRY)) && echo ' (dry run)'): $((SECONDS - START)) s of ${BUDGET} s," \
+  "files in $OUT:"
 ls "$OUT" | tee -a "$LOG"
 if ((${#failed[@]})); then
   say "FAILED or skipped stages: ${failed[*]}"

@@ -119,7 +119,7 @@ class _FusedLinear(torch.autograd.Function):
                 xw = yw = vb = None
                 dW, db = _plain_grads(x, grad_out)
             else:
-                dW, db = ops.linear_fused_collect(
+                dW, db = _fused_collect(x)(
                     x.detach(), grad_out.detach(), E, P, rows, slot_w if need_w else -1,
                     slot_b if need_b else -1, xw, yw, vb, ctx.strategy)
             if repeated is not None:  # the layer ran more than once in this forward
@@ -127,6 +127,26 @@ class _FusedLinear(torch.autograd.Function):
             dW = dW.to(weight.dtype) if need_w else None
             db = db.to(weight.dtype) if need_b else None
         return grad_x, dW, db, None, None, None, None, None, None, None, None, None
+
+
+def _fused_collect(x: torch.Tensor):
+    """The fused dW + norms op: for CUDA inputs the router of gradstats.kernels (the Triton
+    kernel where Triton is available), the C++ op otherwise (Triton is never imported for CPU
+    tensors)."""
+    global _ROUTER
+    if not x.is_cuda:
+        return ops.linear_fused_collect
+    if _ROUTER is None:
+        try:
+            from .. import kernels
+
+            _ROUTER = kernels.linear_fused_collect
+        except ImportError:
+            _ROUTER = ops.linear_fused_collect
+    return _ROUTER
+
+
+_ROUTER = None
 
 
 def _plain_grads(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
