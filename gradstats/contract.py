@@ -89,15 +89,51 @@ class ProbeSchedule:
         self._forced = True
 
 
+def local_shard(g: torch.Tensor) -> tuple[torch.Tensor, int, float]:
+    """A gradient's part held here: ``(local tensor, its first row in the full tensor, weight)``.
+    A plain tensor is all of it; a DTensor sharded on dim 0 (FSDP2) gives its local rows, in
+    ``torch.chunk``'s split, and a weight of ``1 / replicas`` so that summing the parts over all
+    ranks (HSDP replicates each shard) counts every row once."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(g, DTensor):
+        return g, 0, 1.0
+    mesh, offset, replicas = g.device_mesh, 0, 1
+    for dim, placement in enumerate(g.placements):
+        if isinstance(placement, Shard):
+            if placement.dim != 0:
+                raise ContractError(f"a gradient sharded on dim {placement.dim}: gradstats reads "
+                                    "FSDP2's dim-0 shards only")
+            n, k = mesh.size(dim), mesh.get_local_rank(dim)
+            offset += k * -(-g.shape[0] // n)
+        elif isinstance(placement, Replicate):
+            replicas *= mesh.size(dim)
+    return g.to_local(), offset, 1.0 / replicas
+
+
 def grad_summaries(grads: list[torch.Tensor | None], rows: list[int],
                    xs: list[torch.Tensor], ys: list[torch.Tensor], probing: bool,
                    device: torch.device) -> torch.Tensor:
     """``[params, 1 + 2 PROBES]`` float64: ``|grad|^2``, then on probe steps the projections
-    and their rounding scales (zeros otherwise), one pass over each ``.grad``."""
+    and their rounding scales (zeros otherwise), one pass over each ``.grad``. Sharded
+    gradients give their local part (see :func:`local_shard`): sum it over ranks."""
     width = 1 + 2 * PROBES
     out = torch.zeros(len(grads), width, dtype=torch.float64, device=device)
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
+        return out
+    if any(type(grads[i]) is not torch.Tensor and not grads[i].is_sparse for i in present):
+        for i in present:  # sharded (FSDP2): this rank's rows, weighted, summed over ranks later
+            local, offset, weight = local_shard(grads[i])
+            n = local.shape[0] if local.dim() else 1
+            if local.numel() == 0:
+                continue
+            if probing:
+                summary = ops.grad_summary(local.reshape(n, -1), xs[i][offset:offset + n], ys[i])
+            else:
+                summary = torch.zeros(width, dtype=torch.float64, device=local.device)
+                summary[0] = local.double().square().sum()
+            out[i] = weight * summary.to(device)
         return out
     if not probing:
         dense = [i for i in present if not grads[i].is_sparse]

@@ -104,7 +104,8 @@ class Hooks:
 
     def __init__(self, model: nn.Module, coverage: Coverage, acc: Accumulators, *,
                  mode: str, batch_dim: int, strategy: str,
-                 begin_forward: Callable[[Any, Any], Forward | None]):
+                 begin_forward: Callable[[Any, Any], Forward | None],
+                 note_dtype: Callable[[torch.dtype], None] = lambda dtype: None):
         from .rules.functional import FunctionLevel
 
         self.model, self.coverage, self.acc = model, coverage, acc
@@ -117,6 +118,7 @@ class Hooks:
         self.uses: dict[tuple[int, int], int] = {}  # (slot, fid) -> function-level uses
         self._slot_layer = {p.slot: layer for layer in coverage.layers.values()
                             for p in layer.params.values()}
+        self.note_dtype = note_dtype
         self.batch_dim, self.strategy = batch_dim, strategy
         self.begin_forward = begin_forward
         self.measuring = True
@@ -171,6 +173,19 @@ class Hooks:
                 if not traced:
                     hooks.provenance.inside += 1
 
+        owners: dict[str, list] = {}
+        for st in self.coverage.functional.values():
+            owners.setdefault(st.layer, []).append(st)
+        modules = dict(self.model.named_modules())
+
+        def refresh(module, args):
+            hooks = ref()
+            if hooks is not None:
+                hooks._refresh(module)
+
+        self._owners = {modules[name]: sts for name, sts in owners.items()}
+        for m in self._owners:
+            self.handles.append(m.register_forward_pre_hook(refresh))
         self.handles.append(self.model.register_forward_pre_hook(root_pre, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(root_post, with_kwargs=True,
                                                              always_call=True))
@@ -295,6 +310,7 @@ class Hooks:
         if use is None:
             return None
         fwd, _ = use
+        self.note_dtype(leaves[0].dtype)
         x = inputs[0] if isinstance(inputs, tuple) and inputs else None
         if isinstance(x, torch.Tensor) and not self.batch_dim:
             if self._batch_free_call(layer, inputs, output):
@@ -325,6 +341,15 @@ class Hooks:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(self._tap_leaf(layer, fwd, packed, unpack, sink, i))
         return None
+
+    def _refresh(self, module: nn.Module) -> None:
+        """The parameter objects a module holds now stand for its covered parameters: FSDP2
+        swaps the sharded ones for unsharded copies around each forward."""
+        for st in self._owners.get(module, ()):
+            p = module._parameters.get(st.local)
+            if p is not None and p is not st.param and self.functional.params.get(id(p)) is not st:
+                self.functional.params[id(p)] = st
+                self.provenance.add_source(p)
 
     def _derived_input(self, args: tuple) -> bool:
         """Whether a covered module gets an input computed from parameters without the batch
@@ -512,6 +537,8 @@ class Hooks:
             out = self._run_fused(layer, args, kwargs)
         finally:
             self.provenance.inside -= 1
+        if isinstance(out, torch.Tensor) and self.fwd is not None:
+            self.note_dtype(out.dtype)
         if lay is not None and self._mode_depth:
             for t in tensor_leaves(out):
                 if t.dim() == x.dim():

@@ -43,6 +43,8 @@ class ParamState:
         """The probe projections ``<V_j, t>`` of a tensor shaped like the parameter."""
         from .rules.base import probe_full
 
+        if hasattr(t, "full_tensor"):  # a DTensor shard (FSDP2): every rank gathers it here
+            t = t.full_tensor()
         f = self.rule.probe_grad if self.rule is not None else (lambda _, g, v: probe_full(g, v))
         return f(self.local, t, self.vectors).tolist()
 

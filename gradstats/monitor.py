@@ -153,7 +153,10 @@ class GradStatsMonitor:
         self.acc = Accumulators(len(self._params), device)
         self.hooks = Hooks(self.model, self.coverage, self.acc, mode=self.mode,
                            batch_dim=self.batch_dim, strategy=self._strategy,
-                           begin_forward=self._begin_forward)
+                           begin_forward=self._begin_forward, note_dtype=self.units.note_dtype)
+        self._sharded = any(type(p.param) is not nn.Parameter and type(p.param) is not
+                            torch.Tensor and hasattr(p.param, "device_mesh")
+                            for p in self._params)
         self._bn_handles = [m.register_forward_pre_hook(_refuse_training_batchnorm(n))
                             for n, m in self.model.named_modules()
                             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -244,7 +247,9 @@ class GradStatsMonitor:
         self._forwards: list[Forward] = []
 
     def _world_size(self) -> int:
-        if (self._ddp or self.process_group is not None) and torch.distributed.is_initialized():
+        """Ranks whose gradients the data-parallel wrapper averages (DDP, FSDP2, HSDP)."""
+        if ((self._ddp or self._sharded or self.process_group is not None)
+                and torch.distributed.is_initialized()):
             return torch.distributed.get_world_size(self.process_group)
         return 1
 
@@ -340,26 +345,28 @@ class GradStatsMonitor:
             [None if g is None else g.detach() for g in grads], [p.probe_rows for p in P],
             [p.probe_xy()[0] for p in P], [p.probe_xy()[1] for p in P], self._probing, device)
         f64 = dict(dtype=torch.float64, device=device)
-        # summed over ranks: the hooks' side; the same on every rank: the .grad side
-        packing = Packing(reduced=("sums", "hook_probe", "counts"),
+        per_example = (E * inv_c2).sum(0) if n_local else torch.zeros(0, **f64)
+        if len(seen) < len(self._forwards):
+            per_example = torch.cat([per_example[f.rows] for f in seen])
+        # summed over ranks: the hooks' side; the same on every rank: the .grad side; local:
+        # the per-example norms. One all-reduce, one transfer.
+        packing = Packing(reduced=("sums", "hook_probe", "counts")
+                          + (("grad_side",) if self._sharded else ()),
                           sums=per_slot, hook_probe=self.acc.P,
                           counts=torch.stack([torch.tensor(float(sum(sizes)), **f64),
                                               c_loc.sum(), c_loc.square().sum(),
                                               torch.tensor(float(anomaly), **f64)]),
-                          grad_side=side)
+                          grad_side=side, per_example=per_example)
         world = self._world_size()
         if world > 1:
             torch.distributed.all_reduce(packing.reduced_view(), group=self.process_group)
         host = packing.to_host()
-        per_example = (E * inv_c2).sum(0) if n_local else torch.zeros(0, **f64)
-        if len(seen) < len(self._forwards):
-            per_example = torch.cat([per_example[f.rows] for f in seen])
-        per_example = per_example.cpu()
+        per_example = torch.from_numpy(host["per_example"].copy())
         sums, hook_probe, grad_side = host["sums"], host["hook_probe"], host["grad_side"]
         n, C, Q, anomalies = host["counts"]
         n = int(round(n))
 
-        if not (packing.finite() and bool(torch.isfinite(per_example).all())):
+        if not packing.finite():
             bad = [p.qualname for i, p in enumerate(P)
                    if not (np.isfinite(hook_probe[i]).all() and np.isfinite(grad_side[i]).all()
                            and np.isfinite(sums[i]))]

@@ -190,6 +190,10 @@ class Provenance(TorchFunctionMode):
             p = st.param
             self._static[pid] = (weakref.ref(p), Derived((Source(param=p),), _identity))
 
+    def add_source(self, p: torch.Tensor) -> None:
+        """A parameter object (FSDP2's unsharded copy) that stands for a covered parameter."""
+        self._static[id(p)] = (weakref.ref(p), Derived((Source(param=p),), _identity))
+
     def begin(self, batch: int) -> None:
         self.batch = batch
         self._tracked.clear()

@@ -88,6 +88,13 @@ class LossUnits:
                 if self._autocast is None or unit_roundoff(dt) > unit_roundoff(self._autocast):
                     self._autocast = dt
 
+    def note_dtype(self, dtype: torch.dtype) -> None:
+        """A layer computed in ``dtype`` (a bf16 unsharded parameter under FSDP2's mixed
+        precision, a model cast to half): the probe's rounding model follows the lowest."""
+        if dtype.is_floating_point and dtype != torch.float64 and (
+                self._autocast is None or unit_roundoff(dtype) > unit_roundoff(self._autocast)):
+            self._autocast = dtype
+
     def scaler_enabled(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
 
@@ -133,7 +140,8 @@ class LossUnits:
         acc, store = [], []
         for p in params:
             dt = p.param.dtype
-            acc.append(unit_roundoff(torch.float64 if dt == torch.float64 else torch.float32))
+            wide = dt == torch.float64 and self._autocast is None  # nothing computed narrower
+            acc.append(unit_roundoff(torch.float64 if wide else torch.float32))
             low = dt if dt.is_floating_point else torch.float32
             if self._autocast is not None and dt != torch.float64 and \
                     unit_roundoff(self._autocast) > unit_roundoff(low):

@@ -73,11 +73,14 @@ class FunctionLevel:
                     f"the batch in {getattr(func, '__name__', func)}: its per-example gradients "
                     "cannot be replayed; use dropout 0 there, or unsupported='ignore'")
         rule = self._rules.get(func)
+        out = NotImplemented
         if rule is not None:
             out = rule(func, args, kwargs, derived, fwd)
-            if out is not NotImplemented:
-                return out
-        return self._tap_operands(func, args, kwargs, derived, fwd)
+        if out is NotImplemented:
+            out = self._tap_operands(func, args, kwargs, derived, fwd)
+        if isinstance(out, torch.Tensor):
+            self.hooks.note_dtype(out.dtype)
+        return out
 
     # ------------------------------------------------------------------------- common
     def _count(self, d: Derived, fwd) -> None:
