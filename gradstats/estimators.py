@@ -219,8 +219,18 @@ class NoiseScaleEMA:
     and covariance over the window: true for i.i.d. batches at fixed parameters, approximate
     while the parameters (and so ``tr(Sigma)`` and ``|G|^2``) drift. It is a first-order
     (normal) approximation; it is good when the relative error of the smoothed ``|G|^2`` is
-    small and meaningless when the smoothed ``|G|^2`` is close to zero. The interval is
-    ``b_simple -/+ z * stderr`` with ``z`` the normal quantile.
+    small and meaningless when the smoothed ``|G|^2`` is close to zero.
+
+    The interval (:meth:`interval`) is taken on the log scale, where a ratio of two noisy
+    means is closer to normal and a noise scale is read (it is positive and spans decades):
+    by the delta method ``se(log B) = stderr / B``, and the interval is
+    ``(B exp(-z se_log), B exp(+z se_log))`` with ``z`` the normal quantile; both ends are
+    positive and the interval is wider above ``B`` than below. It is ``(nan, nan)``, with
+    :meth:`interval_reason` saying why, when ``B`` is undefined (no step yet, or the smoothed
+    ``|G|^2 <= 0``), when there is no spread to estimate the error from (fewer than two steps,
+    ``beta = 0``), and when the smoothed ``|G|^2`` is not resolved from zero: its own lower
+    confidence end ``g2 - z se(g2) <= 0``. Then ``B`` could be arbitrarily large at that
+    confidence and no finite upper end is honest; read it as "noise dominates the gradient".
 
     ``beta = 0`` means no smoothing: the values of the last accepted step, and no error bar
     (``b_simple_stderr`` is nan). The stderr is also nan until two steps have been accepted.
@@ -350,17 +360,41 @@ class NoiseScaleEMA:
         var = (v_tr - 2.0 * r * c + r * r * v_g2) / (self._mean_g2 * self._mean_g2)
         return math.sqrt(max(var, 0.0))
 
-    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
-        """Two-sided normal interval ``b_simple -/+ z * stderr``; (nan, nan) when undefined."""
+    @staticmethod
+    def _z(confidence: Any) -> float:
         if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real):
             raise ValueError(f"confidence must be a real number, got {confidence!r}")
         if not (0.0 < float(confidence) < 1.0):
             raise ValueError(f"confidence must satisfy 0 < confidence < 1, got {confidence!r}")
-        r, se = self.b_simple, self.b_simple_stderr
-        if math.isnan(r) or math.isnan(se):
-            return (math.nan, math.nan)
-        z = NormalDist().inv_cdf(0.5 + 0.5 * float(confidence))
-        return (r - z * se, r + z * se)
+        return NormalDist().inv_cdf(0.5 + 0.5 * float(confidence))
+
+    def _interval(self, confidence: Any) -> tuple[float, float, str | None]:
+        z = self._z(confidence)
+        nan = math.nan
+        if not self._steps:
+            return nan, nan, "no step yet"
+        if not self._mean_g2 > 0.0:
+            return nan, nan, "smoothed |G|^2 <= 0: B_simple undefined"
+        mom = self._moments()
+        if mom is None:
+            return nan, nan, ("beta = 0: no spread to estimate the error from" if
+                              self._beta == 0.0 else "fewer than two steps: no spread yet")
+        if self._mean_g2 - z * math.sqrt(max(mom[1], 0.0)) <= 0.0:
+            return nan, nan, (f"smoothed |G|^2 not resolved from 0 at {float(confidence):g} "
+                              "confidence (noise dominates the gradient)")
+        b, se = self.b_simple, self.b_simple_stderr
+        se_log = se / b
+        return b * math.exp(-z * se_log), b * math.exp(z * se_log), None
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Two-sided interval on the log scale, ``(B exp(-z se/B), B exp(z se/B))``;
+        ``(nan, nan)`` when :meth:`interval_reason` is not None (see the class docstring)."""
+        lo, hi, _ = self._interval(confidence)
+        return lo, hi
+
+    def interval_reason(self, confidence: float = 0.95) -> str | None:
+        """Why :meth:`interval` is ``(nan, nan)`` at ``confidence``, or None when it is not."""
+        return self._interval(confidence)[2]
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict:

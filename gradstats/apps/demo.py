@@ -36,11 +36,12 @@ from torch import nn
 from ..critical import NoiseScalePrediction, predict_from_b_simple
 from ..monitor import GradStatsMonitor, StepStats
 from ..scaling import examples_for_batch, sgd_optimal_lr, steps_for_batch
-from .common import (DEMO_EXTRA, ConfigError, UsageError, finite, interval, num, positive_float,
+from .common import (DEMO_EXTRA, ConfigError, UsageError, interval, num, positive_float,
                      positive_int, sig, unit_interval, wrap, write_json)
 from .data import Data, load_digits
 from .models import describe_mlp, make_mlp
-from .plot import RunLogWriter, plot_run, step_record
+from ..logs import PREFIX, open_run_log, record_of, run_log_line
+from .plot import plot_run
 from .plotting import require_matplotlib, save
 
 __all__ = ["DemoConfig", "run_demo", "batch_advice", "measure_step_times", "format_report",
@@ -173,7 +174,7 @@ def run_demo(config: DemoConfig | None = None, *, on_step: OnStep | None = None,
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = _Progress(cfg.epochs * math.ceil(n_train / cfg.batch_size), progress)
     pause = monitor.paused if monitor is not None else contextlib.nullcontext
-    writer = RunLogWriter(log) if log else None
+    writer = open_run_log(log) if log else None
     history: list[dict[str, Any]] = []
     epochs: list[dict[str, Any]] = []
     last: StepStats | None = None
@@ -190,19 +191,20 @@ def run_demo(config: DemoConfig | None = None, *, on_step: OnStep | None = None,
                 lr, value = opt.param_groups[0]["lr"], loss.item()
                 if monitor is not None:
                     last = monitor.step()
-                    rec = step_record(last, examples=examples, lr=lr, loss=value)
-                    rec.update(epoch=epoch, defined=last.defined,
-                               b_simple_stderr=finite(last.b_simple_stderr))
+                    record = record_of(last, lr=lr, examples=examples, loss=value)
+                    record[PREFIX + "defined"] = last.defined
                 else:
-                    rec = {"step": step + 1, "examples": examples, "batch_size": len(idx),
-                           "lr": lr, "loss": value, "epoch": epoch}
+                    record = {PREFIX + "examples": examples, PREFIX + "batch_size": len(idx),
+                              PREFIX + "lr": lr, PREFIX + "loss": value}
+                record[PREFIX + "epoch"] = epoch
+                rec = run_log_line(record, step + 1)
                 if on_step is not None:
                     on_step(step, model, x, y, last)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 history.append(rec)
                 if writer is not None:
-                    writer.write(rec)
+                    writer.log(record, step + 1)
                 total_loss += value * len(idx)
                 loss_ema = value if step == 0 else 0.95 * loss_ema + 0.05 * value
                 bar.update(step, epoch, loss_ema, rec.get("b_simple_ema"))

@@ -13,21 +13,25 @@ Numbers that are not finite (an undefined ``B_simple``) are written as ``null``.
 ``b_simple``                        this step's ``B_simple = tr_sigma / g2``, in examples (null
                                     when undefined: ``g2 <= 0`` or one example)
 ``b_simple_ema``                    smoothed ``B_simple``: ratio of the EMAs, in examples
-``b_simple_lo``, ``b_simple_hi``    95% interval of the smoothed value, in examples (the lower
-                                    end is <= 0 while ``|G|^2`` is not resolved from 0)
+``b_simple_lo``, ``b_simple_hi``    95% interval of the smoothed value, in examples, on the
+                                    log scale (null while the smoothed ``|G|^2`` is not
+                                    resolved from 0: then no finite upper end is honest)
 ``tr_sigma``, ``g2``                this step's unbiased ``tr(Sigma)`` and ``|G|^2``
                                     (per-example loss units)
 ``tr_sigma_ema``, ``g2_ema``        their bias-corrected EMAs
 ``b_noise``, ``eta_max``            optional: Hessian-weighted noise scale (examples) and best
                                     step size, e.g. from :class:`gradstats.CurvatureEstimator`
 ``loss``                            optional: the training loss of this step
-``layers``                          ``{name: {"b_simple", "b_simple_ema", "tr_sigma", "g2"}}``
-                                    per layer (``b_simple_ema`` smoothed, the others this
-                                    step's)
+``layers``                          ``{name: {"b_simple", "b_simple_ema", "tr_sigma", "g2",
+                                    "tr_sigma_ema", "g2_ema"}}`` per layer (``*_ema``
+                                    smoothed, the others this step's)
 ==================================  ===========================================================
 
-Other keys are allowed and ignored. :func:`step_record` makes one line from the
-:class:`~gradstats.StepStats` that ``monitor.step()`` returns.
+Other keys are allowed and ignored. The loggers of :mod:`gradstats.logs` write this format
+(``JsonlLogger``, ``CsvLogger``: the records of ``gradstats.logs.record_of`` with the
+``gradstats/`` prefix left off), so the trainer callbacks' logs plot as they are;
+:func:`step_record` makes one line from the :class:`~gradstats.StepStats` that
+``monitor.step()`` returns.
 
 CSV (``.csv``): the same with a header row; ``layers`` is flattened into columns
 ``layers.<name>.<key>`` (layer names may contain dots), an empty cell is null.
@@ -45,15 +49,15 @@ import csv
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from .common import PLOT_EXTRA, UsageError, finite
+from ..logs import record_of, run_log_line
+from .common import PLOT_EXTRA, UsageError
 from .plotting import (B_SIMPLE_LABEL, COLORS, log_if_decades, new_figure, noise_scale_panel,
                        positive, require_matplotlib, save, steps_axis)
 
-__all__ = ["REQUIRED", "LAYER_KEYS", "RunLogError", "step_record", "RunLogWriter",
-           "read_run_log", "plot_run", "add_arguments", "run_cli"]
+__all__ = ["REQUIRED", "LAYER_KEYS", "RunLogError", "step_record", "read_run_log", "plot_run",
+           "add_arguments", "run_cli"]
 
 REQUIRED = ("step", "examples", "batch_size", "lr", "b_simple", "b_simple_ema", "b_simple_lo",
             "b_simple_hi", "tr_sigma", "g2", "tr_sigma_ema", "g2_ema")
@@ -67,62 +71,11 @@ class RunLogError(ValueError):
 
 def step_record(stats: Any, *, examples: int, lr: float, loss: float | None = None,
                 b_noise: float | None = None, eta_max: float | None = None) -> dict[str, Any]:
-    """One line of the run log from a :class:`~gradstats.StepStats` (``stats.n`` examples)."""
-    lo, hi = stats.b_simple_interval
-    rec: dict[str, Any] = {
-        "step": stats.step, "examples": examples, "batch_size": stats.n, "lr": lr,
-        "b_simple": stats.b_simple, "b_simple_ema": stats.b_simple_ema, "b_simple_lo": lo,
-        "b_simple_hi": hi, "tr_sigma": stats.tr_sigma, "g2": stats.g2,
-        "tr_sigma_ema": stats.tr_sigma_ema, "g2_ema": stats.g2_ema}
-    for k, v in (("b_noise", b_noise), ("eta_max", eta_max), ("loss", loss)):
-        if v is not None:
-            rec[k] = v
-    rec["layers"] = {name: {"b_simple": ls.b_simple, "b_simple_ema": ls.b_simple_ema,
-                            "tr_sigma": ls.tr_sigma, "g2": ls.g2}
-                     for name, ls in stats.layers.items()}
-    return finite(rec)
-
-
-def _flatten(rec: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in rec.items() if k != "layers"}
-    for name, d in rec.get("layers", {}).items():
-        out.update({f"layers.{name}.{k}": v for k, v in d.items()})
-    return out
-
-
-class RunLogWriter:
-    """Writes run-log lines to ``path``: JSONL line by line (flushed, so a run that stops
-    leaves a readable log), CSV (by suffix ``.csv``) when closed, its columns those of the
-    first line."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.csv = self.path.suffix.lower() == ".csv"
-        self.rows: list[dict[str, Any]] = []
-        self.fh = self.path.open("w", newline="" if self.csv else None)
-
-    def write(self, rec: dict[str, Any]) -> None:
-        if self.csv:
-            self.rows.append(_flatten(rec))
-        else:
-            self.fh.write(json.dumps(finite(rec), allow_nan=False) + "\n")
-            self.fh.flush()
-
-    def close(self) -> None:
-        if self.fh.closed:
-            return
-        if self.csv and self.rows:
-            w = csv.DictWriter(self.fh, fieldnames=list(self.rows[0]), restval="")
-            w.writeheader()
-            w.writerows({k: "" if v is None else v for k, v in r.items()} for r in self.rows)
-        self.fh.close()
-
-    def __enter__(self) -> RunLogWriter:
-        return self
-
-    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+    """One line of the run log from a :class:`~gradstats.StepStats` (``stats.n`` examples):
+    :func:`gradstats.logs.record_of` in the run-log layout."""
+    rec = record_of(stats, lr=lr, examples=examples, loss=loss, b_noise=b_noise,
+                    eta_max=eta_max)
+    return run_log_line(rec, stats.step)
 
 
 def _number(text: str, where: str) -> float | None:
@@ -206,6 +159,12 @@ def _schedule_axis(ax: Any, values: list[Any], headroom: float) -> None:
         ax.set_ylim(0, headroom * top if top > 0 else 1.0)
 
 
+def _layer_colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    return [colormaps["tab10" if n <= 10 else "tab20"](i) for i in range(10 if n <= 10 else 20)]
+
+
 def plot_run(records: list[dict[str, Any]], title: str = "") -> Any:
     """The run's figure (a matplotlib Figure): see this module's docstring."""
     x = _col(records, "examples")
@@ -231,11 +190,14 @@ def plot_run(records: list[dict[str, Any]], title: str = "") -> Any:
 
     names = sorted({n for r in records for n in r["layers"]})
     seen: list[float] = []
-    for name in names:
+    # more layers than the default cycle's 10 colours: 20 distinct ones, then line styles
+    palette = _layer_colors(len(names))
+    for i, name in enumerate(names):
         y = [r["layers"].get(name, {}).get("b_simple_ema") for r in records]
         pts = [(a, b) for a, b in zip(x, y) if positive(b)]
         if pts:
-            ax_layers.plot(*zip(*pts), lw=1.2, label=name)
+            ax_layers.plot(*zip(*pts), lw=1.2, label=name, color=palette[i % len(palette)],
+                           ls=("-", "-.", ":")[i // len(palette) % 3])
             seen += [b for _, b in pts]
     whole = [(a, b) for a, b in zip(x, _col(records, "b_simple_ema")) if positive(b)]
     if whole:
