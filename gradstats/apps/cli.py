@@ -39,6 +39,10 @@ COMMANDS: dict[str, Command] = {
         "measure the critical batch size B_crit = E_min/S_min of the demo model by training to "
         "a target loss at several batch sizes (each with its best learning rate), and compare "
         "it with the measured gradient noise scale B_simple"),
+    "experiment": Command(
+        "gradstats.apps.experiments.command",
+        "run an experiment that tests the theory on real data (e1 critical batch, e2 best "
+        "learning rate, adam surge, e3 closed-loop batch size) and write JSON, CSV and PNG"),
     "plot": Command(
         "gradstats.apps.plot",
         "draw a logged run (JSONL or CSV, e.g. from `gradstats demo --log`): B_simple against "
