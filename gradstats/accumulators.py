@@ -39,9 +39,10 @@ class Accumulators:
         self.r = torch.zeros(capacity, **f64)
         self.count = 0  # examples counted this step (eager)
         self.forwards = 0
-        # compiled forwards count on the device instead (no host value to guard on)
-        self.dev_count = torch.zeros((), dtype=torch.int64, device=device)
-        self.dev_forwards = torch.zeros((), dtype=torch.int64, device=device)
+        # compiled forwards count in tensors instead (no host value to guard on); 0-dim CPU
+        # tensors, so reading them never waits for a GPU
+        self.dev_count = torch.zeros((), dtype=torch.int64)
+        self.dev_forwards = torch.zeros((), dtype=torch.int64)
 
     @property
     def capacity(self) -> int:

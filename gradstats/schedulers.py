@@ -377,6 +377,12 @@ class BatchSizeController:
             return self.b_max
         return self.b_min + (self.b_max - self.b_min) * min(1.0, self.steps / self.warmup_steps)
 
+    def ratio_for(self, b: float) -> float:
+        """The learning-rate factor ``eta(b) / eta(base_batch_size)`` of the coupled rule at batch
+        size ``b``, with the latest measurements (what the controller applies to an optimizer
+        it owns; a trainer callback applies it itself)."""
+        return self._ratio(b)
+
     def _ratio(self, b: float) -> float:
         p = dict(self.fixed)
         measured = {"b_noise": self.last_b_simple, "off_ratio": self.last_off_ratio,

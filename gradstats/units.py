@@ -27,8 +27,15 @@ _REDUCTIONS = ("mean", "sum", "token_mean")
 
 def hf_token_counts(model: nn.Module) -> Callable[[tuple, dict], Any]:
     """Valid tokens of a Hugging Face call: entries of its ``labels`` argument other than -100,
-    after the shift by one position that ``*ForCausalLM`` losses apply."""
-    shift = type(model).__name__.endswith("ForCausalLM")
+    after the shift by one position that causal-LM losses apply (the model's ``loss_function`` is
+    transformers' ``ForCausalLMLoss``, or its class is a ``*ForCausalLM`` / ``*LMHeadModel``)."""
+    try:
+        fn = getattr(model, "loss_function", None)
+    except Exception:  # noqa: BLE001 - a property that cannot tell the model's loss
+        fn = None
+    name = type(model).__name__
+    shift = (getattr(fn, "__name__", "") == "ForCausalLMLoss" or name.endswith("ForCausalLM")
+             or name.endswith("LMHeadModel"))
 
     def count(args: tuple, kwargs: dict) -> torch.Tensor:
         labels = kwargs.get("labels")

@@ -114,7 +114,9 @@ at::Tensor grad_summary_cpu(const at::Tensor& g_in, const at::Tensor& x_in,
                      : g_in.to(at::kFloat).contiguous();
   at::Tensor x = x_in.contiguous();
   const int64_t R = g.size(0);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(R, 4 * at::get_num_threads()));
+  // one chunk per ~32k elements (a parallel region costs more than a small gradient's pass)
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>({R, 4 * int64_t(at::get_num_threads()), g.numel() >> 15}));
   std::vector<double> partial(chunks * (1 + 2 * K), 0.0);
   if (g.scalar_type() == at::kDouble) {
     summarize<double, double>(g, x, y_in, K, partial, chunks);

@@ -63,13 +63,18 @@ Prepared prepare(const at::Tensor& A, const at::Tensor& G, const char* op) {
   return {s, a, g};
 }
 
+// At least this many multiply-adds per thread: below it a parallel region costs more than it
+// saves (and on a busy machine a thread team can wait milliseconds for a core).
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 15;
+
 // out[i] = sum_k x[i, k] y[i, k] over rows of two contiguous [n, m] buffers, rows in parallel.
 void row_dots(const at::Tensor& x, const at::Tensor& y, int64_t n, int64_t m, at::Tensor out) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gradstats_row_dots", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, m));
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) o[i] = scalar_t(dot(xp + i * m, yp + i * m, m));
     });
   });
@@ -83,7 +88,8 @@ at::Tensor outer_norms(const Prepared& p) {
     const scalar_t* g = p.G.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t di = p.s.d_in, dout = p.s.d_out;
-    at::parallel_for(0, p.s.B, 16, [&](int64_t b, int64_t e) {
+    const int64_t grain = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(1, di + dout));
+    at::parallel_for(0, p.s.B, grain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         o[i] = scalar_t(dot(a + i * di, a + i * di, di) * dot(g + i * dout, g + i * dout, dout));
       }
@@ -172,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> fused_direct(const Prepared& p) {
     for_each_tile_chunk(p, [&](int64_t b0, int64_t n, const at::Tensor& m) {
       row_dots(m, m, n, tile, norms.narrow(0, b0, n));
       const scalar_t* mp = m.const_data_ptr<scalar_t>();
-      at::parallel_for(0, tile, 4096, [&](int64_t b, int64_t e) {
+      at::parallel_for(0, tile, std::max<int64_t>(4096, kMinWorkPerThread / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* mi = mp + i * tile;
           for (int64_t k = b; k < e; ++k) w[k] += mi[k];

@@ -84,7 +84,7 @@ def check_controller(controller: BatchSizeController | None) -> None:
 def controller_ratio(controller: BatchSizeController) -> float:
     """The lr factor of the controller's rule for its current batch size against its base size
     (the controller keeps ``lr_ratio`` up to date only when it owns an optimizer)."""
-    return controller._ratio(controller.batch_size)
+    return controller.ratio_for(controller.batch_size)
 
 
 class LrRatio:
