@@ -149,7 +149,8 @@ def measure_case(case: ModelCase, device: torch.device, timing: harness.Timing, 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     a = harness.guard(
-                        lambda: _attribute(steps, key, name, device, args.profile_steps), device)
+                        lambda s=steps, k=key, n=name: _attribute(s, k, n, device, args.profile_steps),
+                        device)
                 attribution.append(a if isinstance(a, dict) else {"method": name, "error": a})
 
     for st in steps.values():

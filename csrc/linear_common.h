@@ -31,13 +31,15 @@ inline const char* strategy_name(Strategy s) {
   }
 }
 
-// The cheaper route by multiply-adds: Gram ~T^2 (d_in + d_out) per example, direct ~T d_in d_out.
-// The Gram route centres A and G over positions first (see gram_correction in accumulate.h),
-// so choosing it never trades accuracy for speed.
-inline Strategy choose_strategy(int64_t T, int64_t d_in, int64_t d_out) {
+// The cheaper route per example. Gram costs ~T^2 (d_in + d_out) multiply-adds. For the norms
+// alone the direct route costs a second weight-gradient GEMM, ~T d_in d_out; fused with the
+// weight gradient it costs only squaring the tiles and adding them into dW, a memory pass over
+// d_in d_out elements (counted as 4 multiply-adds each). The Gram route centres A and G over
+// positions first (gram_correction in accumulate.h), so choosing it never costs accuracy.
+inline Strategy choose_strategy(int64_t T, int64_t d_in, int64_t d_out, bool fused = false) {
   if (T == 1) return Strategy::Outer;
   const double gram = double(T) * double(T) * double(d_in + d_out);
-  const double direct = double(T) * double(d_in) * double(d_out);
+  const double direct = (fused ? 4.0 : double(T)) * double(d_in) * double(d_out);
   return gram <= direct ? Strategy::Gram : Strategy::Direct;
 }
 
@@ -77,9 +79,9 @@ inline LinearShape check_linear_inputs(const at::Tensor& A, const at::Tensor& G,
 }
 
 inline Strategy resolve_strategy(std::string_view requested, const LinearShape& s,
-                                 const char* op) {
+                                 const char* op, bool fused = false) {
   Strategy st = parse_strategy(requested);
-  if (st == Strategy::Auto) return choose_strategy(s.T, s.d_in, s.d_out);
+  if (st == Strategy::Auto) return choose_strategy(s.T, s.d_in, s.d_out, fused);
   TORCH_CHECK(st != Strategy::Outer || s.T == 1, op,
               ": strategy 'outer' needs one position per example (T == 1), got T = ", s.T);
   return st;

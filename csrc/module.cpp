@@ -35,9 +35,11 @@ PYBIND11_MODULE(_C, m) {
   }, "Facts about this build: versions, and whether and for which GPUs CUDA kernels were compiled.");
   m.def(
       "choose_linear_strategy",
-      [](int64_t T, int64_t d_in, int64_t d_out) {
-        return std::string(gradstats::strategy_name(gradstats::choose_strategy(T, d_in, d_out)));
+      [](int64_t T, int64_t d_in, int64_t d_out, bool fused) {
+        return std::string(
+            gradstats::strategy_name(gradstats::choose_strategy(T, d_in, d_out, fused)));
       },
-      py::arg("T"), py::arg("d_in"), py::arg("d_out"),
-      "The strategy 'auto' picks for a Linear layer with T positions per example.");
+      py::arg("T"), py::arg("d_in"), py::arg("d_out"), py::arg("fused") = false,
+      "The strategy 'auto' picks for a Linear layer with T positions per example (fused: with "
+      "the weight gradient).");
 }

@@ -93,8 +93,8 @@ def linear_sq_moments(A: torch.Tensor, G: torch.Tensor, weights: torch.Tensor | 
         raise ValueError(f"max_bytes must be an int >= 1, got {max_bytes!r}")
     dt = compute_dtype(A, G)
     B, d_in, d_out = A.shape[0], A.shape[-1], G.shape[-1]
-    a = A.reshape(B, -1, d_in).to(dt)
-    g = G.reshape(B, -1, d_out).to(dt)
+    a = A.reshape(B, A.shape[1:-1].numel(), d_in).to(dt)
+    g = G.reshape(B, G.shape[1:-1].numel(), d_out).to(dt)
     w = _weights(weights, B, dt, A.device)
     T = a.shape[1]
     if T == 1:

@@ -77,9 +77,11 @@ def grad_summary(g: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return torch.ops.gradstats.grad_summary.default(g, x, y)
 
 
-def linear_strategy(T: int, d_in: int, d_out: int) -> str:
-    """The strategy ``"auto"`` picks for a Linear layer with T positions per example."""
-    return _C.choose_linear_strategy(T, d_in, d_out)
+def linear_strategy(T: int, d_in: int, d_out: int, fused: bool = False) -> str:
+    """The strategy ``"auto"`` picks for a Linear layer with T positions per example: for the
+    norms alone (:func:`linear_norms`), or with the weight gradient (``fused``,
+    :func:`linear_fused`), where the direct route's per-example tiles are summed into dW."""
+    return _C.choose_linear_strategy(T, d_in, d_out, fused)
 
 
 def _norm_dtype(A: torch.Tensor, G: torch.Tensor) -> torch.dtype:

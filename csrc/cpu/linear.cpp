@@ -67,43 +67,51 @@ Prepared prepare(const at::Tensor& A, const at::Tensor& G, const char* op) {
 // saves (and on a busy machine a thread team can wait milliseconds for a core).
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 15;
 
-// out[i] = sum_k x[i, k] y[i, k] over rows of two contiguous [n, m] buffers, rows in parallel.
+// out[i] = sum_k x[i, k] y[i, k] over rows of two contiguous [n, m] buffers, rows in parallel;
+// out is x's dtype or float64 (the monitor's accumulators: no float32 overflow of a square).
 void row_dots(const at::Tensor& x, const at::Tensor& y, int64_t n, int64_t m, at::Tensor out) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gradstats_row_dots", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, m));
-    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) o[i] = scalar_t(dot(xp + i * m, yp + i * m, m));
-    });
+    if (out.scalar_type() == at::kDouble) {
+      double* o = out.mutable_data_ptr<double>();
+      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) o[i] = dot(xp + i * m, yp + i * m, m);
+      });
+    } else {
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) o[i] = scalar_t(dot(xp + i * m, yp + i * m, m));
+      });
+    }
   });
 }
 
-// out[i] = |a_i|^2 |g_i|^2 for T == 1.
-at::Tensor outer_norms(const Prepared& p) {
-  auto out = at::empty({p.s.B}, p.A.options());
+// out[i] = |a_i|^2 |g_i|^2 for T == 1 (float64 out: see row_dots).
+at::Tensor outer_norms(const Prepared& p, at::ScalarType out_dtype) {
+  auto out = at::empty({p.s.B}, p.A.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_outer", [&] {
     const scalar_t* a = p.A.const_data_ptr<scalar_t>();
     const scalar_t* g = p.G.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    double* o = out.mutable_data_ptr<double>();
     const int64_t di = p.s.d_in, dout = p.s.d_out;
     const int64_t grain = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(1, di + dout));
     at::parallel_for(0, p.s.B, grain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        o[i] = scalar_t(dot(a + i * di, a + i * di, di) * dot(g + i * dout, g + i * dout, dout));
+        o[i] = dot(a + i * di, a + i * di, di) * dot(g + i * dout, g + i * dout, dout);
       }
     });
   });
-  return out;
+  return out_dtype == at::kDouble ? out : out.to(out_dtype);
 }
 
 // |sum_t g_t a_t^T|^2 through the Gram matrices of A and G centred over positions, plus the
 // corrections (accumulate.h). Without centring, positions that share a large common component
 // make sum_{t,s} (a_t.a_s)(g_t.g_s) cancel catastrophically in float32.
-at::Tensor gram_norms(const Prepared& p) {
+at::Tensor gram_norms(const Prepared& p, at::ScalarType out_dtype) {
   const int64_t T = p.s.T, B = p.s.B, di = p.s.d_in, dout = p.s.d_out;
-  auto out = at::empty({B}, p.A.options());
+  auto out = at::empty({B}, p.A.options().dtype(out_dtype));
   const auto dt = p.A.scalar_type();
   const int64_t chunk = chunk_for(B, 2 * T * T + T * (di + dout), p.A.element_size(),
                                   kScratchBytes);
@@ -121,7 +129,7 @@ at::Tensor gram_norms(const Prepared& p) {
     at::bmm_out(kgn, gcn, gcn.transpose(1, 2));
     at::Tensor part = out.narrow(0, b0, n);
     row_dots(kan, kgn, n, T * T, part);
-    part.add_(gram_correction(acn, gcn, c, d, s).to(dt)).clamp_min_(0);
+    part.add_(gram_correction(acn, gcn, c, d, s).to(out_dtype)).clamp_min_(0);
   }
   return out;
 }
@@ -141,8 +149,8 @@ void for_each_tile_chunk(const Prepared& p, F&& visit) {
 }
 
 // out[i] = |G_i^T A_i|_F^2
-at::Tensor direct_norms(const Prepared& p) {
-  auto out = at::empty({p.s.B}, p.A.options());
+at::Tensor direct_norms(const Prepared& p, at::ScalarType out_dtype) {
+  auto out = at::empty({p.s.B}, p.A.options().dtype(out_dtype));
   const int64_t tile = p.s.d_out * p.s.d_in;
   for_each_tile_chunk(p, [&](int64_t b0, int64_t n, const at::Tensor& m) {
     row_dots(m, m, n, tile, out.narrow(0, b0, n));
@@ -150,18 +158,20 @@ at::Tensor direct_norms(const Prepared& p) {
   return out;
 }
 
-at::Tensor weight_norms(const Prepared& p, Strategy st) {
+// The norms in the inputs' precision (the public ops), or float64 (the monitor's accumulators).
+at::Tensor weight_norms(const Prepared& p, Strategy st, bool wide = false) {
+  const auto dt = wide ? at::kDouble : p.A.scalar_type();
   switch (st) {
-    case Strategy::Outer: return outer_norms(p);
-    case Strategy::Gram: return gram_norms(p);
-    default: return direct_norms(p);
+    case Strategy::Outer: return outer_norms(p, dt);
+    case Strategy::Gram: return gram_norms(p, dt);
+    default: return direct_norms(p, dt);
   }
 }
 
 // Per-example bias gradients sum_t g_t [B, d_out] and their squared norms [B].
-std::tuple<at::Tensor, at::Tensor> bias_grads(const Prepared& p) {
+std::tuple<at::Tensor, at::Tensor> bias_grads(const Prepared& p, bool wide = false) {
   at::Tensor gb = p.s.T == 1 ? p.G.select(1, 0) : p.G.sum(1);
-  at::Tensor nb = at::empty({p.s.B}, p.G.options());
+  at::Tensor nb = at::empty({p.s.B}, p.G.options().dtype(wide ? at::kDouble : p.G.scalar_type()));
   row_dots(gb.contiguous(), gb.contiguous(), p.s.B, p.s.d_out, nb);
   return {gb, nb};
 }
@@ -172,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> bias_grads(const Prepared& p) {
 std::tuple<at::Tensor, at::Tensor> fused_direct(const Prepared& p) {
   const int64_t tile = p.s.d_out * p.s.d_in;
   at::Tensor dW = at::zeros({p.s.d_out, p.s.d_in}, p.A.options());
-  at::Tensor norms = at::empty({p.s.B}, p.A.options());
+  at::Tensor norms = at::empty({p.s.B}, p.A.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_fused", [&] {
     scalar_t* w = dW.mutable_data_ptr<scalar_t>();
     for_each_tile_chunk(p, [&](int64_t b0, int64_t n, const at::Tensor& m) {
@@ -193,19 +203,21 @@ struct FusedResult {
   at::Tensor dW, db, nw, nb;
 };
 
-FusedResult fused(const Prepared& p, Strategy st) {
+// wide: norms in float64 (the monitor), else in the inputs' precision (the public op)
+FusedResult fused(const Prepared& p, Strategy st, bool wide) {
   at::Tensor dW, nw;
   if (p.s.B == 0) {
     dW = at::zeros({p.s.d_out, p.s.d_in}, p.A.options());
     nw = at::empty({0}, p.A.options());
   } else if (st == Strategy::Direct) {
     std::tie(dW, nw) = fused_direct(p);
+    if (!wide) nw = nw.to(p.A.scalar_type());
   } else {
     // Gram and outer norms cost less than the weight gradient itself: one GEMM for dW.
-    nw = weight_norms(p, st);
+    nw = weight_norms(p, st, wide);
     dW = at::mm(p.G.view({p.s.B * p.s.T, p.s.d_out}).t(), p.A.view({p.s.B * p.s.T, p.s.d_in}));
   }
-  auto [gb, nb] = bias_grads(p);
+  auto [gb, nb] = bias_grads(p, wide);
   return {dW, gb.sum(0), nw, nb};
 }
 
@@ -220,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> linear_norms_cpu(const at::Tensor& A, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fused_cpu(
     const at::Tensor& A, const at::Tensor& G, c10::string_view strategy) {
   Prepared p = prepare(A, G, "linear_fused");
-  FusedResult r = fused(p, resolve_strategy(strategy, p.s, "linear_fused"));
+  FusedResult r = fused(p, resolve_strategy(strategy, p.s, "linear_fused", true), false);
   const auto grad_dtype = c10::promoteTypes(A.scalar_type(), G.scalar_type());
   return {r.dW.to(grad_dtype), r.db.to(grad_dtype), r.nw, r.nb};
 }
@@ -233,8 +245,8 @@ void linear_collect_cpu(const at::Tensor& A, const at::Tensor& G, const at::Tens
   Prepared p = prepare(A, G, "linear_collect");
   check_accumulators(E, P, rows, p.s.B, slot_w, slot_b, A.device(), "linear_collect");
   if (p.s.B == 0) return;
-  if (slot_w >= 0) add_norms(E, rows, slot_w, weight_norms(p, resolve_strategy(strategy, p.s, "linear_collect")));
-  if (slot_b >= 0) add_norms(E, rows, slot_b, std::get<1>(bias_grads(p)));
+  if (slot_w >= 0) add_norms(E, rows, slot_w, weight_norms(p, resolve_strategy(strategy, p.s, "linear_collect"), true));
+  if (slot_b >= 0) add_norms(E, rows, slot_b, std::get<1>(bias_grads(p, true)));
   linear_probe(p.A.view({-1, p.s.d_in}), p.G.view({-1, p.s.d_out}), P, slot_w, slot_b, xw, yw, vb);
 }
 
@@ -245,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fused_collect_cpu(
     c10::string_view strategy) {
   Prepared p = prepare(A, G, "linear_fused_collect");
   check_accumulators(E, P, rows, p.s.B, slot_w, slot_b, A.device(), "linear_fused_collect");
-  FusedResult r = fused(p, resolve_strategy(strategy, p.s, "linear_fused_collect"));
+  FusedResult r = fused(p, resolve_strategy(strategy, p.s, "linear_fused_collect", true), true);
   if (p.s.B > 0) {
     add_norms(E, rows, slot_w, r.nw);
     add_norms(E, rows, slot_b, r.nb);

@@ -10,6 +10,7 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
+#include <algorithm>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -42,39 +43,40 @@ __device__ acc_t block_sum(acc_t v) {
   return v;
 }
 
-// out[r] = sum_k x[r, k] * y[r, k]; one block per row of contiguous rows of length n. Reads any
-// float dtype, accumulates in double (Gram rows can hold terms that largely cancel), writes
-// float32 or float64.
-template <typename scalar_t, typename out_t>
+// out[r] += sum_{k in this block's chunk} x[r, k] * y[r, k]: a 2-D grid of (chunks, rows), so a
+// few long rows (per-example tiles of a large layer) still fill the GPU. Reads any float dtype,
+// accumulates in double (Gram rows can hold terms that largely cancel), adds into a zeroed
+// double buffer.
+template <typename scalar_t>
 __global__ void row_dot_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
-                               int64_t n, out_t* __restrict__ out) {
-  const int64_t r = blockIdx.x;
+                               int64_t n, int64_t chunk, double* __restrict__ out) {
+  const int64_t r = blockIdx.y;
+  const int64_t lo = int64_t(blockIdx.x) * chunk, hi = min(n, lo + chunk);
   const scalar_t* xr = x + r * n;
   const scalar_t* yr = y + r * n;
   double acc = 0;
-  for (int64_t k = threadIdx.x; k < n; k += kThreads)
+  for (int64_t k = lo + threadIdx.x; k < hi; k += kThreads)
     acc += double(static_cast<float>(xr[k])) * double(static_cast<float>(yr[k]));
   acc = block_sum(acc);
-  if (threadIdx.x == 0) out[r] = out_t(acc);
+  if (threadIdx.x == 0) atomicAdd(out + r, acc);
 }
 
 // out[r] = x[r] . y[r] for the rows of 2-D contiguous x, y (same dtype); out float32/float64.
 void row_dot(const at::Tensor& x, const at::Tensor& y, const at::Tensor& out) {
   const int64_t rows = x.size(0), n = x.size(1);
   if (rows == 0) return;
+  TORCH_CHECK(rows < 65536, "row_dot: at most 65535 rows per call, got ", rows);
+  at::Tensor acc = at::zeros({rows}, out.options().dtype(at::kDouble));
+  const int64_t chunk = std::max<int64_t>(kThreads * 16, (n + 1023) / 1024);
+  const dim3 grid(unsigned((n + chunk - 1) / chunk), unsigned(rows));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gradstats_row_dot", [&] {
-    if (out.scalar_type() == at::kDouble) {
-      row_dot_kernel<scalar_t, double><<<rows, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), n,
-          out.mutable_data_ptr<double>());
-    } else {
-      row_dot_kernel<scalar_t, float><<<rows, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), n,
-          out.mutable_data_ptr<float>());
-    }
+    row_dot_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), n, chunk,
+        acc.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  out.copy_(acc);
 }
 
 bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
@@ -101,9 +103,10 @@ Prepared prepare(const at::Tensor& A, const at::Tensor& G, const char* op) {
   return {s, a, g, norm_dtype(A, G)};
 }
 
-at::Tensor weight_norms(const Prepared& p, Strategy st) {
+// wide: float64 norms (the monitor's accumulators: no float32 overflow of a square)
+at::Tensor weight_norms(const Prepared& p, Strategy st, bool wide = false) {
   const auto& s = p.s;
-  const auto out_opts = p.A.options().dtype(p.out);
+  const auto out_opts = p.A.options().dtype(wide ? at::kDouble : p.out);
   at::Tensor out = at::empty({s.B}, out_opts);
   if (s.B == 0) return out;
   if (st == Strategy::Outer) {
@@ -132,7 +135,8 @@ at::Tensor weight_norms(const Prepared& p, Strategy st) {
       at::Tensor ka = bmm_acc(ac, ac.transpose(1, 2)).view({n, s.T * s.T});
       at::Tensor kg = bmm_acc(gc, gc.transpose(1, 2)).view({n, s.T * s.T});
       row_dot(ka, kg, part);
-      part.add_(gram_correction(ac, gc, c, d, g.sum(1, false, wt)).to(p.out)).clamp_min_(0);
+      part.add_(gram_correction(ac, gc, c, d, g.sum(1, false, wt)).to(part.scalar_type()))
+          .clamp_min_(0);
     } else {
       at::Tensor m = bmm_acc(g.transpose(1, 2), a).view({n, s.d_out * s.d_in});
       row_dot(m, m, part);
@@ -142,9 +146,9 @@ at::Tensor weight_norms(const Prepared& p, Strategy st) {
 }
 
 // Per-example bias gradients sum_t g_t [B, d_out] (float32/64) and their squared norms [B].
-std::tuple<at::Tensor, at::Tensor> bias_grads(const Prepared& p) {
+std::tuple<at::Tensor, at::Tensor> bias_grads(const Prepared& p, bool wide = false) {
   at::Tensor gb = p.G.sum(1, false, p.out).contiguous();
-  at::Tensor nb = at::empty({p.s.B}, gb.options());
+  at::Tensor nb = at::empty({p.s.B}, gb.options().dtype(wide ? at::kDouble : p.out));
   row_dot(gb, gb, nb);
   return {gb, nb};
 }
@@ -169,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_fused_cuda(
     const at::Tensor& A, const at::Tensor& G, c10::string_view strategy) {
   c10::cuda::CUDAGuard guard(A.device());
   Prepared p = prepare(A, G, "linear_fused");
-  Strategy st = resolve_strategy(strategy, p.s, "linear_fused");
+  Strategy st = resolve_strategy(strategy, p.s, "linear_fused", true);
   at::Tensor nw = weight_norms(p, st);
   auto [gb, nb] = bias_grads(p);
   const auto grad_dtype = c10::promoteTypes(A.scalar_type(), G.scalar_type());
@@ -182,8 +186,8 @@ void collect(const Prepared& p, const at::Tensor& E, const at::Tensor& P, const 
              c10::string_view strategy, const char* op) {
   check_accumulators(E, P, rows, p.s.B, slot_w, slot_b, p.A.device(), op);
   if (p.s.B == 0) return;
-  if (slot_w >= 0) add_norms(E, rows, slot_w, weight_norms(p, resolve_strategy(strategy, p.s, op)));
-  if (slot_b >= 0) add_norms(E, rows, slot_b, std::get<1>(bias_grads(p)));
+  if (slot_w >= 0) add_norms(E, rows, slot_w, weight_norms(p, resolve_strategy(strategy, p.s, op), true));
+  if (slot_b >= 0) add_norms(E, rows, slot_b, std::get<1>(bias_grads(p, true)));
   if (xw.has_value() || vb.has_value()) {
     // Probe steps only: the probe vectors must not be rounded to a half dtype.
     at::Tensor a2 = p.A.view({-1, p.s.d_in}), g2 = p.G.view({-1, p.s.d_out});

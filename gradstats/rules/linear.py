@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .. import ops
-from .base import Factor, Rule, Sink, needs
+from ..errors import ContractError
+from .base import Factor, Rule, Sink, flat3, needs
 from .registry import register_rule
 
 
@@ -17,8 +17,7 @@ def linear_factors(A: torch.Tensor, G: torch.Tensor, weight: bool, bias: bool
     """The factored per-example gradients of a Linear use with input ``A`` and output
     gradient ``G`` (``[B, ..., d]`` each)."""
     B = A.shape[0]
-    A = A.reshape(B, -1, A.shape[-1])
-    G = G.reshape(B, -1, G.shape[-1])
+    A, G = flat3(A, B), flat3(G, B)
     out = {}
     if weight:
         out["weight"] = Factor(cols=A, rows=G)
@@ -54,7 +53,7 @@ class LinearRule(Rule):
                               needs(module, "bias"))
 
     def fused_forward(self, module: nn.Linear, x: torch.Tensor, sink: Sink | None,
-                      on_backward=None) -> torch.Tensor:
+                      on_backward=None, gate=None) -> torch.Tensor:
         """F.linear whose backward computes dW, db and the per-example norms in one op (the
         same autograd node with or without a sink, so activation checkpointing recomputes
         exactly what the first forward saved)."""
@@ -75,12 +74,14 @@ class LinearRule(Rule):
         if sink is not None and out.grad_fn is not None:
             out.grad_fn.forward_record = sink.forward
             out.grad_fn.on_backward = on_backward
+            out.grad_fn.gate = gate
         return out
 
 
 class _FusedLinear(torch.autograd.Function):
-    """F.linear whose backward also writes the per-example norms (not twice differentiable:
-    measure double-backward passes in hooks mode, or run them under monitor.paused())."""
+    """F.linear whose backward also writes the per-example norms: dW and the norms from one op.
+    A backward with ``create_graph=True`` (gradient penalties) takes differentiable ops instead,
+    so it can be differentiated again; a backward while the monitor is paused counts nothing."""
 
     @staticmethod
     def forward(x, weight, bias, E, P, rows, slot_w, slot_b, xw, yw, vb, strategy):
@@ -97,32 +98,38 @@ class _FusedLinear(torch.autograd.Function):
         ctx.strategy = strategy
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         E, P, rows, xw, yw, vb = ctx.acc
-        record = getattr(ctx, "forward_record", None)
-        if record is not None:
-            record.seen = True
-        repeated = getattr(ctx, "on_backward", None)
+        gate = getattr(ctx, "gate", None)  # the monitor's hooks: paused or not
+        count = E is not None and not (gate is not None and gate.paused)
+        if count:
+            if getattr(ctx, "counted", False):
+                raise ContractError("backward reached a fused Linear twice for one forward; wrap "
+                                    "backward passes that are not training steps in "
+                                    "monitor.paused()")
+            ctx.counted = True
+            record = getattr(ctx, "forward_record", None)
+            if record is not None:
+                record.seen = True
         slot_w, slot_b = ctx.slots
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        slot_w, slot_b = (slot_w if need_w else -1), (slot_b if need_b else -1)
         grad_x = dW = db = None
         if need_x:
             grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
         if need_w or need_b:
-            if E is None:
-                E = P = torch.zeros(0, 0, dtype=torch.float64, device=x.device)
-                rows = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-                slot_w = slot_b = -1
-                xw = yw = vb = None
+            if torch.is_grad_enabled() or not count:  # create_graph: differentiable ops
                 dW, db = _plain_grads(x, grad_out)
+                if count:
+                    ops.linear_collect(x.detach(), grad_out.detach(), E, P, rows, slot_w, slot_b,
+                                       xw, yw, vb, ctx.strategy)
             else:
-                dW, db = _fused_collect(x)(
-                    x.detach(), grad_out.detach(), E, P, rows, slot_w if need_w else -1,
-                    slot_b if need_b else -1, xw, yw, vb, ctx.strategy)
-            if repeated is not None:  # the layer ran more than once in this forward
+                dW, db = _fused_collect(x)(x.detach(), grad_out.detach(), E, P, rows, slot_w,
+                                           slot_b, xw, yw, vb, ctx.strategy)
+            repeated = getattr(ctx, "on_backward", None)
+            if count and repeated is not None and x.shape[0]:  # it may run more than once
                 repeated(x.detach(), grad_out.detach())
             dW = dW.to(weight.dtype) if need_w else None
             db = db.to(weight.dtype) if need_b else None
