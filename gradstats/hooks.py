@@ -18,6 +18,7 @@ Everything the hooks hold is reached through weak references and a registry keye
 """
 from __future__ import annotations
 
+import threading
 import types
 import weakref
 from typing import Any, Callable
@@ -29,8 +30,9 @@ from torch.utils._pytree import tree_flatten
 from .accumulators import Accumulators
 from .contract import ContractError
 from .layers import Coverage, LayerState
-from .provenance import Derived, Layout, Provenance, Source, tensor_leaves
-from .rules.base import Factor, Sink, cross_term, dense_probe
+from .provenance import Derived, Layout, Provenance, Source, in_recomputation, tensor_leaves
+from .rules.base import Factor, Sink, cross_term, dense_factor
+from .saved import pack_saved, unpack_saved
 
 __all__ = ["Hooks", "Forward"]
 
@@ -52,30 +54,9 @@ class Forward:
         self.seen = False  # set when a backward pass reaches one of its uses
 
 
-def _pack(saved: tuple) -> tuple[tuple, Callable | None]:
-    """Saves the tensors among ``saved`` the way autograd would under the current saved-tensor
-    hooks (those of activation checkpointing), so that what checkpointing discards is not kept
-    alive here. Returns ``((is_packed, value), ...)`` and the matching unpack hook."""
-    hooks = None
-    if not torch.compiler.is_compiling():
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
-    if hooks is None:
-        return tuple((False, t) for t in saved), None
-    pack, unpack = hooks
-    return tuple((True, pack(t)) if isinstance(t, torch.Tensor) else (False, t)
-                 for t in saved), unpack
-
-
-def _unpack(packed: tuple, unpack: Callable | None) -> tuple:
-    return tuple(unpack(v) if is_packed else v for is_packed, v in packed)
-
-
-def _in_recomputation() -> bool:
-    """Whether this forward is non-reentrant checkpointing's recomputation inside backward."""
-    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
-        return False
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
-    return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
+def _eager(fn: Callable) -> Callable:
+    """``fn`` run outside any torch.compile graph (dynamo breaks the graph around it)."""
+    return torch.compiler.disable(fn, recursive=True)
 
 
 def _identity_fn(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +95,8 @@ class Hooks:
         self.provenance.refresh(model, by_id)
         self.functional = FunctionLevel(self, self.provenance, by_id)
         self._mode_depth = 0
-        self._traced: list[bool] = []  # per running covered module: followed inside instead
+        self._backward_mode: int | None = None  # thread that pushed the mode for a recompute
+        self._traced: list[str] = []  # per running covered module: how its forward is followed
         self.uses: dict[tuple[int, int], int] = {}  # (slot, fid) -> function-level uses
         self._slot_layer = {p.slot: layer for layer in coverage.layers.values()
                             for p in layer.params.values()}
@@ -160,18 +142,29 @@ class Hooks:
             hooks = ref()
             if hooks is None or module not in hooks.by_module:
                 return None
-            if hooks._traced.pop():
+            how = hooks._traced.pop()
+            if how == "traced":
                 return None  # followed through the function level instead
-            hooks.provenance.inside -= 1
+            if how == "inside":
+                hooks.provenance.inside -= 1
             return hooks._on_forward(module, args, rest)
 
         def enter(module, args, *rest):
             hooks = ref()
             if hooks is not None and module in hooks.by_module:
-                traced = hooks._derived_input(args)
-                hooks._traced.append(traced)
-                if not traced:
+                hooks._wake()
+                if hooks._derived_input(args):
+                    hooks._traced.append("traced")
+                elif getattr(hooks.by_module[module].rule, "multi_output", False):
+                    hooks._traced.append("plain")  # the fallback: its children are followed
+                else:
+                    hooks._traced.append("inside")
                     hooks.provenance.inside += 1
+
+        def wake(module, args):
+            hooks = ref()
+            if hooks is not None:
+                hooks._wake()
 
         owners: dict[str, list] = {}
         for st in self.coverage.functional.values():
@@ -183,9 +176,23 @@ class Hooks:
             if hooks is not None:
                 hooks._refresh(module)
 
+        # torch.compile: each hook runs eagerly (a graph break around it), so the taps it
+        # registers sit on real tensors and its bookkeeping runs; see README "torch.compile"
+        wake, refresh, enter, on_forward = map(_eager, (wake, refresh, enter, on_forward))
+        root_pre, root_post = _eager(root_pre), _eager(root_post)
         self._owners = {modules[name]: sts for name, sts in owners.items()}
         for m in self._owners:
             self.handles.append(m.register_forward_pre_hook(refresh))
+        # A checkpointed segment recomputed inside backward runs without the root's forward:
+        # the mode must be back for it. Every module above a function-level parameter wakes it.
+        ancestors = {"" if "." not in n else n.rsplit(".", 1)[0] for n in owners}
+        for name in list(ancestors):
+            while name:
+                name = name.rsplit(".", 1)[0] if "." in name else ""
+                ancestors.add(name)
+        for name in sorted(ancestors | set(owners)):
+            if name and modules[name] not in self.coverage.layers.values():
+                self.handles.append(modules[name].register_forward_pre_hook(wake))
         self.handles.append(self.model.register_forward_pre_hook(root_pre, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(root_post, with_kwargs=True,
                                                              always_call=True))
@@ -196,7 +203,7 @@ class Hooks:
             if rule.replaces_forward or fuse:
                 layer.fused = True
                 _INSTALLED[m] = (self, layer)
-                m.forward = types.MethodType(_fused_forward, m)
+                m.forward = types.MethodType(_eager(_fused_forward), m)
             else:
                 self.handles.append(m.register_forward_pre_hook(enter))
                 self.handles.append(m.register_forward_hook(
@@ -225,7 +232,8 @@ class Hooks:
                 and torch._C._functorch.peek_interpreter_stack() is None)
 
     def _on_root(self, args, kwargs) -> None:
-        if not self.counting() or _in_recomputation():
+        self.settle()
+        if not self.counting() or in_recomputation():
             return
         self.fwd = self.begin_forward(args, kwargs)
         if self.fwd is not None and self._mode_depth == 0:
@@ -259,12 +267,16 @@ class Hooks:
         """The forward a call of ``layer`` belongs to and its index among that forward's calls
         of the layer, or None when the call is not counted."""
         fwd = self.fwd
-        if fwd is None or not requires_grad or not self.counting():
+        if fwd is None or not self.measuring or self.paused:
             return None
         key = (id(layer), fwd.fid)
         call = self.calls.get(key, 0)
-        if not _in_recomputation():
+        if not in_recomputation():
+            # also under no_grad (reentrant checkpointing's first forward): a layer whose later
+            # recomputed uses need cross terms must know it is called more than once
             self.calls[key] = call + 1
+        if not requires_grad or not self.counting():
+            return None
         return fwd, call
 
     def _repeated(self, layer: LayerState, fid: int) -> bool:
@@ -283,10 +295,10 @@ class Hooks:
         return n
 
     def pack(self, saved: tuple):
-        return _pack(saved)
+        return pack_saved(saved)
 
     def unpack(self, packed) -> tuple:
-        return _unpack(*packed)
+        return unpack_saved(*packed)
 
     def _meet(self, func, args, kwargs, derived):
         return self.functional.meet(func, args, kwargs, derived)
@@ -328,12 +340,13 @@ class Hooks:
         if self.batch_dim:
             saved = tuple(t.movedim(self.batch_dim, 0) if isinstance(t, torch.Tensor) else t
                           for t in saved)
-        packed, unpack = _pack(saved)
+        packed, unpack = pack_saved(saved)
         sink = self._sink(layer, fwd)
-        if isinstance(output, torch.Tensor):
+        multi = getattr(layer.rule, "multi_output", False)
+        if isinstance(output, torch.Tensor) and not multi:
             output.register_hook(self._tap(layer, fwd, packed, unpack, sink))
             return None
-        if not getattr(layer.rule, "multi_output", False):
+        if not multi:
             raise ContractError(f"{layer.name} ({type(module).__name__}) returned "
                                 f"{type(output).__name__}; its rule needs a single tensor output")
         leaves_all = tree_flatten(output)[0]
@@ -341,6 +354,31 @@ class Hooks:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(self._tap_leaf(layer, fwd, packed, unpack, sink, i))
         return None
+
+    def _wake(self) -> None:
+        """A forward inside backward (a checkpointed segment recomputed) runs with the
+        provenance mode, as the first forward did, so it repeats the first forward's choices."""
+        if self._backward_mode is not None and self.provenance not in \
+                torch.overrides._get_current_function_mode_stack():
+            self._mode_depth, self._backward_mode = 0, None  # discarded with its autograd node
+        if (self._mode_depth == 0 and self.fwd is not None and self.measuring and not self.paused
+                and not torch.compiler.is_compiling()
+                and torch._C._current_graph_task_id() != -1):
+            self.provenance.__enter__()
+            self._mode_depth = 1
+            self._backward_mode = threading.get_ident()
+
+    def settle(self) -> None:
+        """Leaves the mode pushed for a recomputation once it is over. The autograd engine
+        restores its thread-local state around each node, so the mode may already be gone."""
+        if self._backward_mode is None or in_recomputation():
+            return
+        stack = torch.overrides._get_current_function_mode_stack()
+        if self._backward_mode == threading.get_ident() and stack and stack[-1] is self.provenance:
+            self.provenance.__exit__(None, None, None)
+        if self.provenance not in stack or self._backward_mode == threading.get_ident():
+            self._mode_depth = 0
+            self._backward_mode = None
 
     def _refresh(self, module: nn.Module) -> None:
         """The parameter objects a module holds now stand for its covered parameters: FSDP2
@@ -389,7 +427,7 @@ class Hooks:
                 "positions, or went through an op gradstats does not follow)")
         saved = tuple(t.movedim(lay.axis, 0) if isinstance(t, torch.Tensor) else t
                       for t in layer.rule.capture(layer.module, inputs, output))
-        packed, unpack = _pack(saved)
+        packed, unpack = pack_saved(saved)
         sink = self._sink(layer, fwd)
         cell = [packed]
         axis = lay.axis
@@ -409,6 +447,7 @@ class Hooks:
         cell = [packed]
 
         def hook(grad: torch.Tensor) -> None:
+            self.settle()
             if self.paused:
                 return
             saved = self._take(cell, layer, unpack)
@@ -421,8 +460,9 @@ class Hooks:
         return hook
 
     def _tap_leaf(self, layer, fwd, packed, unpack, sink, index: int):
-        """A multi-output fallback module: each output's contribution is stashed per example and
-        summed with the others' before it is squared (in :meth:`flush`)."""
+        """The torch.func fallback: each output's contribution (of each call, when the module runs
+        more than once per forward) is stashed per example and summed with the others' before it
+        is squared (in :meth:`flush`), so no cross terms are needed."""
         done = [False]
         saved = [None]
 
@@ -434,7 +474,7 @@ class Hooks:
             done[0] = True
             fwd.seen = True
             if saved[0] is None:
-                saved[0] = _unpack(packed, unpack)
+                saved[0] = unpack_saved(packed, unpack)
             if sink.rows.numel() == 0:
                 return
             self.paused += 1  # the fallback runs the module again
@@ -456,7 +496,7 @@ class Hooks:
         if cell[0] is None:
             raise self._twice(layer)
         packed, cell[0] = cell[0], None  # release the activation at once
-        return _unpack(packed, unpack)
+        return unpack_saved(packed, unpack)
 
     def _collect(self, layer: LayerState, fwd: Forward, part: str | None, saved, grad, sink,
                  factors: Callable, collect: Callable) -> None:
@@ -498,9 +538,14 @@ class Hooks:
 
     def flush(self) -> None:
         """Squares the deferred per-example contributions (summed over their parts) into E."""
-        for (slot, _), (rows, parts) in self.stash.items():
+        for (slot, fid), (rows, parts) in self.stash.items():
             total = parts[0].double() if len(parts) == 1 else sum(p.double() for p in parts)
-            self.acc.E[slot].index_add_(0, rows, total.flatten(1).square().sum(1))
+            norms = total.flatten(1).square().sum(1)
+            shared = self.factors.get((slot, fid, None), ())  # the same parameter in a layer rule
+            if shared:
+                mine = dense_factor(total)
+                norms = norms + sum(2.0 * cross_term(f, mine) for f in shared)
+            self.acc.E[slot].index_add_(0, rows, norms)
         self.stash.clear()
 
     # ------------------------------------------------------------------------- fused
@@ -556,7 +601,7 @@ class Hooks:
                 sink = self._sink(layer, fwd)
 
                 def watch(y, saved, part, collect, factors):
-                    packed, unpack = _pack((saved,))
+                    packed, unpack = pack_saved((saved,))
                     cell = [packed]
 
                     def hook(grad):
@@ -580,17 +625,9 @@ class Hooks:
             if self._repeated(layer, fwd.fid):
                 self.add_cross_terms(fwd, None, rule.factors(module, (saved_x,), grad), sink)
 
-        return rule.fused_forward(module, x, sink, on_backward)
+        return rule.fused_forward(module, x, sink, on_backward, gate=self)
 
     def function_sink(self, slots: dict[str, int], vectors: dict, fwd: Forward) -> Sink:
         return Sink(self.acc.E, self.acc.P, fwd.rows, slots, vectors if self.probing else None,
                     self.strategy, fwd)
 
-
-def dense_collect(per_example: dict[str, torch.Tensor], sink: Sink) -> None:
-    """Norms and probes from explicit per-example gradients ``[B, *shape]``."""
-    for k, g in per_example.items():
-        sink.add(k, g.double().flatten(1).square().sum(1))
-        vec = sink.vec(k)
-        if vec is not None:
-            sink.probe(k, dense_probe(g, vec))

@@ -42,9 +42,10 @@ class GradStatsMonitor:
 
     Args:
         model: the model (a ``DistributedDataParallel`` wrapper is unwrapped).
-        mode: ``"hooks"`` (forward hook + output-gradient hook, any supported layer) or
-            ``"fused"`` (Linear layers run a backward that computes dW and the norms in one
-            op; the rest use hooks).
+        mode: ``"fused"`` (the default: nn.Linear layers run a backward that computes dW and
+            the norms in one op, the rest use hooks) or ``"hooks"`` (a forward hook and an
+            output-gradient hook on every layer: the layers' own forward and backward run
+            unchanged).
         loss_reduction: ``"mean"`` or ``"sum"`` over the examples of a micro-batch, or
             ``"token_mean"``: a mean over the valid tokens of the micro-batch, each example's loss
             being the sum over its tokens (Hugging Face's ``labels=`` loss); the counts come from
@@ -78,7 +79,7 @@ class GradStatsMonitor:
         self,
         model: nn.Module,
         *,
-        mode: Literal["hooks", "fused"] = "hooks",
+        mode: Literal["hooks", "fused"] = "fused",
         loss_reduction: Literal["mean", "sum", "token_mean"] = "mean",
         accumulation: Literal["mean", "sum"] = "mean",
         scaler: torch.amp.GradScaler | None = None,
@@ -475,8 +476,7 @@ class GradStatsMonitor:
             names = [self._params[i].qualname for i in found]
             got = [[grad_side[i][1 + j] * f for j in range(PROBES)] for i in found]
             want = [[hook_probe[i][j] for j in range(PROBES)] for i in found]
-            tol = [[contract.C_ACC * eps_acc[i] * hook_probe[i][PROBES + j]
-                    + contract.C_STORE * eps_store[i] * math.sqrt(max(grad_side[i][1 + PROBES + j], 0)) * f
+            tol = [[contract.tolerance(hook_probe[i], grad_side[i], j, f, eps_acc[i], eps_store[i])
                     for j in range(PROBES)] for i in found]
             prev = [None if (q := self._last_probe.get(self._params[i].slot)) is None
                     else [v * f for v in q] for i in found]

@@ -32,7 +32,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["find_batch", "tensor_leaves", "Provenance", "Derived", "Source", "ProvenanceError"]
+__all__ = ["find_batch", "tensor_leaves", "Provenance", "Derived", "Source", "ProvenanceError",
+           "in_recomputation"]
 
 
 class ProvenanceError(RuntimeError):
@@ -80,6 +81,14 @@ _MOVES = {torch.transpose, torch.Tensor.transpose, torch.Tensor.permute, torch.p
           torch.movedim, torch.Tensor.movedim, torch.swapaxes, torch.Tensor.swapaxes,
           torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.squeeze, torch.squeeze,
           torch.t, torch.Tensor.t}
+
+
+def in_recomputation() -> bool:
+    """Whether this forward is non-reentrant checkpointing's recomputation inside backward."""
+    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 def tensor_leaves(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -187,6 +196,8 @@ class Provenance(TorchFunctionMode):
             self._static[id(t)] = (weakref.ref(t), const)
         self._function_params = function_params
         for pid, st in function_params.items():
+            if getattr(st.rule, "multi_output", False):
+                continue  # the torch.func fallback accounts for its module's own parameters
             p = st.param
             self._static[pid] = (weakref.ref(p), Derived((Source(param=p),), _identity))
 
@@ -250,20 +261,22 @@ class Provenance(TorchFunctionMode):
         if func in _FACTORIES:
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor):
-                self.mark(out, Derived(random=func in _RANDOM))
+                self.mark(out, Derived(random=_random(func, args, kwargs)))
             return out
         tensors = _args_tensors(args, kwargs)
         if not tensors:
             return func(*args, **kwargs)
         records = [self.derived(t) for t in tensors]
+        target = _inplace_target(func, args)
+        if target is not None:
+            return self._inplace(func, args, kwargs, tensors, records, target)
         if not any(r is not None and r.sources for r in records):
             out = func(*args, **kwargs)
             if isinstance(out, torch.Tensor):
                 if all(r is not None for r in records):
-                    self.mark(out, Derived(random=func in _RANDOM
+                    self.mark(out, Derived(random=_random(func, args, kwargs)
                                            or any(r.random for r in records)))
                 else:
-                    self._tracked.pop(id(out), None)  # an in-place op mixed the batch in
                     self._follow_layout(func, args, tensors, records, out)
             return out
         if all(r is not None for r in records):
@@ -271,6 +284,28 @@ class Provenance(TorchFunctionMode):
         derived = {id(t): r for t, r in zip(tensors, records) if r is not None and r.sources}
         out = self.on_meet(func, args, kwargs, derived)
         self._follow_layout(func, args, tensors, records, out)
+        return out
+
+    def _inplace(self, func, args, kwargs, tensors, records, target: torch.Tensor):
+        """An op that writes into ``target`` (``x.mul_(w)``, ``x[:, 1:] = y``): a batch-free
+        target that receives batched values carries the batch from now on; one that receives
+        parameter-derived values cannot be replayed per example."""
+        others = [r for t, r in zip(tensors, records) if t is not target]
+        mine = self.derived(target)
+        if mine is None or all(r is None for r in others):
+            if mine is not None:  # batched values written into a batch-free tensor
+                self._tracked.pop(id(target), None)
+            if any(r is not None and r.sources for r in others):
+                derived = {id(t): r for t, r in zip(tensors, records)
+                           if r is not None and r.sources}
+                return self.on_meet(func, args, kwargs, derived)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if any(r.sources for r in others) or mine.sources:
+            src = tuple(dict.fromkeys([*mine.sources, *(s for r in others for s in r.sources)]))
+            self.mark(target, Derived(src, _unreplayable, random=True))
+        else:
+            self.mark(target, Derived(random=mine.random or _random(func, args, kwargs)))
         return out
 
     def _derive(self, func, args, kwargs, tensors, records):
@@ -302,7 +337,7 @@ class Provenance(TorchFunctionMode):
             return func(*a, **k)
 
         derived = [r for r in records if r.sources]
-        d = Derived(tuple(sources), fn, random=func in _RANDOM or any(r.random for r in records),
+        d = Derived(tuple(sources), fn, random=_random(func, args, kwargs) or any(r.random for r in records),
                     iso=(len(sources) == 1 and len(derived) == 1 and derived[0].iso
                          and func in ISOMETRIC))
         if func in (torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to):
@@ -391,6 +426,33 @@ def _moved(func, args, src: torch.Tensor, out: torch.Tensor, lay: Layout) -> Lay
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _unreplayable(*values):
+    raise ProvenanceError("a parameter-derived tensor was written in place before it met the "
+                          "batch; its per-example gradients cannot be replayed")
+
+
+def _random(func, args: tuple, kwargs: dict) -> bool:
+    """Whether a call draws random numbers (dropout only with p > 0 in training)."""
+    if func not in _RANDOM:
+        return False
+    if func in (_F.dropout, torch.dropout):
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        train = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train", True))
+        return bool(train) and float(p) > 0
+    return True
+
+
+def _inplace_target(func, args: tuple) -> torch.Tensor | None:
+    """The tensor an in-place method writes into (``add_``, ``copy_``, ``__setitem__``)."""
+    name = getattr(func, "__name__", "")
+    if not args or not isinstance(args[0], torch.Tensor):
+        return None
+    if name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or \
+            name in ("__iadd__", "__isub__", "__imul__", "__itruediv__"):
+        return args[0]
+    return None
 
 
 def alignment(func, out_dim: int, batched: torch.Tensor, batched_layout: Layout,

@@ -113,7 +113,7 @@ class MultiheadAttentionRule(Rule):
             return y
 
         q, k, v = (project(x, *p) for x, p in zip((query, key, value), projections[:3]))
-        q, k, v = (t.reshape(B, -1, H, hd).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.reshape(B, t.shape[1], H, hd).transpose(1, 2) for t in (q, k, v))
         scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
         mask = _merged_mask(attn_mask, key_padding_mask, B, H, L, S, scores.dtype)
         if mask is not None:

@@ -29,6 +29,11 @@ def directions(n: int, gen: torch.Generator, device: torch.device) -> torch.Tens
     return torch.randn(n, PROBES, generator=gen, dtype=torch.float64).to(device)
 
 
+def flat3(t: torch.Tensor, B: int) -> torch.Tensor:
+    """``t`` ``[B, ..., d]`` as ``[B, T, d]`` (the middle dims flattened), also for ``B = 0``."""
+    return t.reshape(B, t.shape[1:-1].numel(), t.shape[-1])
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The precision rules compute in: the widest input dtype, at least float32."""
     dt = torch.float32
@@ -177,8 +182,20 @@ class Factor:
     row_ids: torch.Tensor | None = None
 
 
+def dense_factor(g: torch.Tensor) -> Factor:
+    """A per-example gradient ``[B, *shape]`` as a factor ``sum_j D[:, j] e_j^T`` over the
+    ``[shape[0], rest]`` view (columns as positions)."""
+    B = g.shape[0]
+    d = g.reshape(B, g.shape[1] if g.dim() > 1 else 1, -1)
+    C = d.shape[2]
+    eye = torch.eye(C, dtype=d.dtype, device=d.device).expand(B, C, C)
+    return Factor(cols=eye, rows=d.transpose(1, 2))
+
+
 def cross_term(f1: Factor, f2: Factor) -> torch.Tensor:
     """``[B]`` float64: ``<u1_i, u2_i> = sum_{t,s} (c1_t . c2_s)(r1_t . r2_s)``."""
+    if f1.rows is None and f2.rows is None:
+        return _ids_cross_term(f1, f2)
     c1, c2 = f1.cols.double(), f2.cols.double()
     ka = torch.bmm(c1, c2.transpose(1, 2))
     if f1.rows is not None and f2.rows is not None:
@@ -192,10 +209,29 @@ def cross_term(f1: Factor, f2: Factor) -> torch.Tensor:
         kg = dense.gather(2, idx).double() * (ids >= 0)[:, None, :]
         if flip:
             kg = kg.transpose(1, 2)
-    else:
-        i1, i2 = f1.row_ids, f2.row_ids
-        kg = ((i1[:, :, None] == i2[:, None, :]) & (i1 >= 0)[:, :, None]).double()
     return (ka * kg).sum((1, 2))
+
+
+def _ids_cross_term(f1: Factor, f2: Factor) -> torch.Tensor:
+    """Two embedding lookups: ``<dE1_i, dE2_i> = sum_v S1_i[v] . S2_i[v]`` with ``S_i[v]`` the
+    sum of the columns at the positions holding id ``v``; segment sums over (example, id), so
+    memory grows with the positions, not with their pairs (T5's bias has Tq x Tk of them)."""
+    B = f1.cols.shape[0]
+    i1, i2 = f1.row_ids.long(), f2.row_ids.long()
+    width = int(max(i1.max().item() if i1.numel() else 0, i2.max().item() if i2.numel() else 0)) + 2
+    ex1 = torch.arange(B, device=i1.device)[:, None].expand_as(i1)
+    ex2 = torch.arange(B, device=i2.device)[:, None].expand_as(i2)
+    k1 = (ex1 * width + i1 + 1).reshape(-1)  # id -1 (padding) -> column 0 of the example
+    k2 = (ex2 * width + i2 + 1).reshape(-1)
+    keys, inv = torch.unique(torch.cat([k1, k2]), return_inverse=True)
+    d = f1.cols.shape[-1]
+    s1 = torch.zeros(keys.numel(), d, dtype=torch.float64, device=keys.device)
+    s2 = torch.zeros_like(s1)
+    s1.index_add_(0, inv[:k1.numel()], f1.cols.reshape(-1, d).double())
+    s2.index_add_(0, inv[k1.numel():], f2.cols.reshape(-1, d).double())
+    dots = (s1 * s2).sum(1) * ((keys % width) != 0)  # padding positions contribute nothing
+    return torch.zeros(B, dtype=torch.float64, device=keys.device).index_add_(0, keys // width,
+                                                                               dots)
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,8 @@ class EmbeddingRule(Rule):
         pad = _pad_mask(module, ids)
         if pad is not None:
             ids = ids.masked_fill(pad, -1)
-        return {"weight": Factor(cols=g.reshape(B, -1, g.shape[1]), row_ids=ids.reshape(B, -1))}
+        T = ids.numel() // B if B else 0
+        return {"weight": Factor(cols=g.reshape(B, T, g.shape[1]), row_ids=ids.reshape(B, T))}
 
     def probe_vectors(self, name, param, gen):
         # Rank-1 directions x y^T on [V, d]: <x y^T, dE> = sum_t s_{x_t} x[x_t] (g_t . y).

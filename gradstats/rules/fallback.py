@@ -20,17 +20,20 @@ class FallbackRule(Rule):
     multi_output = True
 
     def capture(self, module, inputs, output):
+        from .functional import autocast_state
+
         args, kwargs = inputs
         return (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
-                {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+                {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+                autocast_state())
 
     def per_example(self, module: nn.Module, saved: Any, index: int, G: torch.Tensor
                     ) -> dict[str, torch.Tensor]:
         """Per-example gradients ``[B, *shape]`` of the module's own trainable parameters from
         the gradient ``G`` of output leaf ``index`` (the other outputs' gradients zero)."""
-        from .functional import _batch_axis, per_example
+        from .functional import _batch_axis, per_example, replaying
 
-        args, kwargs = saved
+        args, kwargs, amp = saved
         first = next(a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0)
         B = first.shape[0]
         params = {k: p.detach() for k, p in module.named_parameters(recurse=False)
@@ -45,7 +48,7 @@ class FallbackRule(Rule):
             return tree_flatten(functional_call(module, p, tuple(a), kwargs, strict=False))[0]
 
         name = type(module).__name__
-        with torch.no_grad():
+        with torch.no_grad(), replaying(amp):
             full, single = call(params, [args[i] for i in batched]), call(
                 params, [args[i][:1] for i in batched])
         axis = _batch_axis(full[index], single[index], B, name)
@@ -56,7 +59,8 @@ class FallbackRule(Rule):
                           *params.values())
             return pull(g.unsqueeze(axis))
 
-        grads = per_example(one, tuple(args[i] for i in batched), G.movedim(axis, 0), name)
+        with replaying(amp):
+            grads = per_example(one, tuple(args[i] for i in batched), G.movedim(axis, 0), name)
         return dict(zip(keys, grads))
 
     def collect_output(self, module, saved, index, grad, sink, stash) -> None:

@@ -20,6 +20,7 @@ shared position bias), and are written into the accumulators like a layer rule's
 """
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -29,20 +30,33 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
-from ..provenance import Derived, Layout, Provenance, ProvenanceError, alignment
-from .base import Factor, Sink, dense_probe
+from ..provenance import (Derived, Layout, Provenance, ProvenanceError, alignment,
+                          in_recomputation)
+from .base import Factor, Sink, dense_factor, dense_probe, flat3
 
 __all__ = ["FunctionLevel"]
 
 
-def _dense_factor(g: torch.Tensor) -> Factor:
-    """A per-example gradient ``[B, *shape]`` as a factor ``sum_j D[:, j] e_j^T`` over the
-    ``[shape[0], rest]`` view (columns as positions)."""
-    B = g.shape[0]
-    d = g.reshape(B, g.shape[1] if g.dim() > 1 else 1, -1)
-    C = d.shape[2]
-    eye = torch.eye(C, dtype=d.dtype, device=d.device).expand(B, C, C)
-    return Factor(cols=eye, rows=d.transpose(1, 2))
+def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast contexts active now, to replay a call inside backward as it ran."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+                 if torch.is_autocast_enabled(d))
+
+
+class replaying(contextlib.ExitStack):
+    """Re-enters the autocast contexts of :func:`autocast_state`, with grad enabled (the
+    per-example vector-Jacobian products run inside backward hooks, where grad is off)."""
+
+    def __init__(self, state: tuple[tuple[str, torch.dtype], ...]):
+        super().__init__()
+        self.state = state
+
+    def __enter__(self):
+        super().__enter__()
+        self.enter_context(torch.enable_grad())
+        for device, dtype in self.state:
+            self.enter_context(torch.autocast(device, dtype=dtype))
+        return self
 
 
 class FunctionLevel:
@@ -59,13 +73,15 @@ class FunctionLevel:
             F.embedding: self._embedding,
             F.layer_norm: self._norm, F.rms_norm: self._norm, F.group_norm: self._norm,
             F.conv1d: self._conv, F.conv2d: self._conv, F.conv3d: self._conv,
+            F.scaled_dot_product_attention: self._sdpa,
         }
 
     # ------------------------------------------------------------------------- entry
     def meet(self, func, args, kwargs, derived: dict[int, Derived]):
         fwd = self.hooks.fwd
-        if fwd is None:
-            return func(*args, **kwargs)
+        if fwd is None or self.prov.batch == 0 or not torch.is_grad_enabled():
+            return func(*args, **kwargs)  # an empty batch, or no backward to take: nothing to do
+        self._amp = autocast_state()
         for d in derived.values():
             if d.random:
                 raise ProvenanceError(
@@ -84,6 +100,8 @@ class FunctionLevel:
 
     # ------------------------------------------------------------------------- common
     def _count(self, d: Derived, fwd) -> None:
+        if in_recomputation():
+            return  # the first forward counted these uses
         for s in d.sources:
             s.uses += 1
             for slot in self._slots_of(s):
@@ -110,19 +128,22 @@ class FunctionLevel:
         if sink.vec(name) is not None:
             sink.probe(name, dense_probe(g, sink.vec(name)))
         if self.hooks.slot_uses(st.slot, fwd.fid) > 1:
-            self.hooks.add_cross_terms(fwd, None, {name: _dense_factor(g)}, sink)
+            self.hooks.add_cross_terms(fwd, None, {name: dense_factor(g)}, sink)
 
-    def _backward(self, d: Derived, dY: torch.Tensor, fwd, aligned_rows: bool = False) -> None:
+    def _backward(self, d: Derived, dY: torch.Tensor, fwd, aligned_rows: bool = False,
+                  amp: tuple = ()) -> None:
         """Per-example gradients ``dY`` ``[B, *Y.shape]`` of a derived tensor, through its replay
         to its sources. ``aligned_rows``: ``Y``'s dim 0 runs over the examples (a layer call on
         batched-by-alignment inputs), so its sources get ``dY`` itself."""
+        self.hooks.settle()
         fwd.seen = True
         values = [s.value.detach() for s in d.sources]
         if len(d.sources) == 1 and d.fn is not None and d.iso and d.fn.__name__ == "_identity":
             grads = (dY,)
         else:
-            _, pull = vjp(d.fn, *values)
-            grads = vmap(pull)(dY)
+            with replaying(amp):
+                _, pull = vjp(d.fn, *values)
+                grads = vmap(pull)(dY)
         for s, g in zip(d.sources, grads):
             if s.param is not None:
                 self._give_dense(s.param, g, fwd)
@@ -174,12 +195,15 @@ class FunctionLevel:
     def _tapped(self, Y: torch.Tensor, d: Derived, kind: str, k: int, out_dim: int, axis: int,
                 fwd) -> torch.Tensor:
         B = self.prov.batch
+        if not Y.requires_grad:
+            return Y  # frozen since the monitor was built: step() notices and re-attaches
+        amp = self._amp
         if kind == "aligned" and d.base is not None and d.expanded_dim == k:
             # Y = base.expand(...) over the batch dim: each example uses all of base
             base = d.base_tensor
             Yb = base.expand(Y.shape)
             Yb.register_hook(lambda g: self._backward(
-                d.base, g.movedim(k, 0).unsqueeze(k + 1), fwd))
+                d.base, g.movedim(k, 0).unsqueeze(k + 1), fwd, amp=amp))
             return Yb
         if kind == "broadcast":
             if k < 0:
@@ -188,18 +212,19 @@ class FunctionLevel:
                 shape = list(Yb.shape)
                 shape[axis] = B
                 Yb = Yb.expand(shape)
-                Yb.register_hook(lambda g: self._backward(d, g.reshape(B, *Y.shape), fwd))
+                Yb.register_hook(lambda g: self._backward(d, g.reshape(B, *Y.shape), fwd,
+                                                          amp=amp))
             else:
                 shape = list(Y.shape)
                 shape[k] = B
                 Yb = Y.expand(shape)
                 Yb.register_hook(lambda g: self._backward(
-                    d, g.movedim(k, 0).unsqueeze(k + 1), fwd))
+                    d, g.movedim(k, 0).unsqueeze(k + 1), fwd, amp=amp))
             return Yb
         # aligned: Y's dim k runs over the examples
         Yt = Y.view_as(Y)
         if k == 0 and all(s.param is None for s in d.sources) and d.fn.__name__ == "_identity":
-            Yt.register_hook(lambda g: self._backward(d, g, fwd, aligned_rows=True))
+            Yt.register_hook(lambda g: self._backward(d, g, fwd, aligned_rows=True, amp=amp))
             return Yt
 
         def per_example(g: torch.Tensor) -> None:
@@ -207,7 +232,7 @@ class FunctionLevel:
             gi = g.movedim(k, 0)
             eye = torch.eye(B, dtype=g.dtype, device=g.device)
             cot = (eye.reshape(B, B, *[1] * (gi.dim() - 1)) * gi.unsqueeze(0)).movedim(1, k + 1)
-            self._backward(d, cot, fwd)
+            self._backward(d, cot, fwd, amp=amp)
 
         Yt.register_hook(per_example)
         return Yt
@@ -241,6 +266,7 @@ class FunctionLevel:
             a, kw = tree_unflatten(new, spec)
             return tree_flatten(func(*a, **kw))[0]
 
+        amp = self._amp
         with torch.no_grad():  # each output's batch axis: where one example gives size 1
             single = call([x[:1] for x in batched], ys)
         axes = {j: _batch_axis(outs[j], single[j], self.prov.batch, name) for j in wanted}
@@ -254,9 +280,10 @@ class FunctionLevel:
 
             def hook(g):
                 gs = g.movedim(axis, 0)
-                grads = per_example(one, tuple(batched), gs, name)
+                with replaying(amp):
+                    grads = per_example(one, tuple(batched), gs, name)
                 for i, gy in zip(idx_d, grads):
-                    self._backward(derived[id(leaves[i])], gy, fwd)
+                    self._backward(derived[id(leaves[i])], gy, fwd, amp=amp)
 
             return hook
 
@@ -311,6 +338,7 @@ class FunctionLevel:
         w_rows_out = (not transposed) == (pw is None or tuple(W.shape) == tuple(pw.shape))
 
         def hook(g):
+            self.hooks.settle()
             (xs,) = self.hooks.unpack(packed)
             A = _batch_first(self.prov, xs, layout, name)
             G = _batch_first(self.prov, g.detach(), layout, name)
@@ -332,7 +360,7 @@ class FunctionLevel:
         sink.add(st.local, norms)
         rows, cols = (G, A) if rows_out else (A, G)
         B = A.shape[0]
-        r2, c2 = rows.reshape(B, -1, rows.shape[-1]), cols.reshape(B, -1, cols.shape[-1])
+        r2, c2 = flat3(rows, B), flat3(cols, B)
         vec = sink.vec(st.local)
         if vec is not None:
             from .base import factored_probe
@@ -349,7 +377,7 @@ class FunctionLevel:
         sink = self._sink(st, fwd)
         sink.add(st.local, norms)
         B = G.shape[0]
-        G3 = G.reshape(B, -1, G.shape[-1])
+        G3 = flat3(G, B)
         vec = sink.vec(st.local)
         if vec is not None:
             from .base import summed_probe
@@ -386,6 +414,7 @@ class FunctionLevel:
         name = getattr(rule.func, "__name__", "a norm or conv function")
 
         def hook(g):
+            self.hooks.settle()
             (xs,) = self.hooks.unpack(packed)
             X = _batch_first(self.prov, xs, layout, name)
             Gb = _batch_first(self.prov, g.detach(), layout, name)
@@ -406,6 +435,34 @@ class FunctionLevel:
 
         out.register_hook(hook)
         return out
+
+    def _sdpa(self, func, args, kwargs, derived, fwd):
+        """``scaled_dot_product_attention`` with a parameter-derived ``attn_mask`` (T5's relative
+        position bias): the mask is added to the ``[B, H, L, S]`` scores, so it is tapped like
+        an operand of a broadcasting add."""
+        a = list(args)
+        mask = a[3] if len(a) > 3 else kwargs.get("attn_mask")
+        if mask is None or id(mask) not in derived or len(derived) != 1:
+            return NotImplemented
+        q = a[0] if a else kwargs["query"]
+        lay = self.prov.layout(q)
+        if lay.axis != 0 or lay.groups != 1 or q.dim() != 4:
+            return NotImplemented
+        k = 0 - (4 - mask.dim())
+        if k < 0 or mask.shape[k] == 1:
+            kind = "broadcast"
+        elif mask.shape[k] == self.prov.batch:
+            kind = "aligned"
+        else:
+            return NotImplemented
+        d = derived[id(mask)]
+        self._count(d, fwd)
+        tapped = self._tapped(mask, d, kind, k, 4, 0, fwd)
+        if len(a) > 3:
+            a[3] = tapped
+        else:
+            kwargs = {**kwargs, "attn_mask": tapped}
+        return func(*a, **kwargs)
 
     def _embedding(self, func, args, kwargs, derived, fwd):
         from .embedding import EmbeddingRule

@@ -44,13 +44,13 @@ class _AffineNormRule(Rule):
         raise NotImplementedError
 
     def per_example(self, module, x, grad) -> dict[str, torch.Tensor]:
-        """Each example's dgamma and dbeta, ``[B, K]``, in the input's precision (>= float32)."""
+        """Each example's dgamma and dbeta, ``[B, K]`` float64."""
         g, xhat, _, rd = self.layout(module, x, grad, compute_dtype(x))
-        out = {}
+        out = {}  # products in the input's precision, their sums in float64
         if needs(module, "weight"):
-            out["weight"] = (g * xhat).sum(rd)
+            out["weight"] = (g * xhat).sum(rd, dtype=torch.float64)
         if needs(module, "bias"):
-            out["bias"] = g.sum(rd)
+            out["bias"] = g.sum(rd, dtype=torch.float64)
         return out
 
     def collect(self, module, saved, grad_output, sink):
@@ -96,7 +96,8 @@ def _last_dims(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: to
                          f"with normalized_shape {shape}")
     K = math.prod(shape)
     B = x.shape[0] if x.dim() > len(shape) else 1
-    return x.to(dtype).reshape(B, -1, K), grad.to(dtype).reshape(B, -1, K)
+    R = x.numel() // (B * K) if B * K else 0
+    return x.to(dtype).reshape(B, R, K), grad.to(dtype).reshape(B, R, K)
 
 
 @register_rule(nn.LayerNorm)
