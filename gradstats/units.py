@@ -34,8 +34,11 @@ def hf_token_counts(model: nn.Module) -> Callable[[tuple, dict], Any]:
     except Exception:  # noqa: BLE001 - a property that cannot tell the model's loss
         fn = None
     name = type(model).__name__
-    shift = (getattr(fn, "__name__", "") == "ForCausalLMLoss" or name.endswith("ForCausalLM")
-             or name.endswith("LMHeadModel"))
+    # transformers' loss_function falls back to ForCausalLMLoss for classes it cannot place
+    # (T5ForConditionalGeneration, whose forward does not call it): encoder-decoders never shift
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    shift = not enc_dec and (getattr(fn, "__name__", "") == "ForCausalLMLoss"
+                             or name.endswith("ForCausalLM") or name.endswith("LMHeadModel"))
 
     def count(args: tuple, kwargs: dict) -> torch.Tensor:
         labels = kwargs.get("labels")
@@ -66,6 +69,7 @@ class LossUnits:
                                              else None)
         self._scale: torch.Tensor | None = None
         self._autocast: torch.dtype | None = None
+        self.counts: list[Any] = []  # token_mean: each forward's token count, for check_forms
         self.forms: list[LossForm] = []
         self._watching = scaler is None
         if self._watching:
@@ -79,6 +83,7 @@ class LossUnits:
         if self.reduction_kind == "mean":
             return 1.0 / batch if batch else 0.0
         n = self.token_counts(args, kwargs)
+        self.counts.append(n)
         if isinstance(n, torch.Tensor):
             n = n.to(torch.float64)
             return torch.where(n > 0, 1.0 / n.clamp_min(1), torch.zeros_like(n))
@@ -124,6 +129,7 @@ class LossUnits:
         self._scale = None
         self._autocast = None
         self.forms.clear()
+        self.counts.clear()
         self._scaler_calls = ScalerWatch.calls()
 
     def check(self, micro_batches: int) -> None:
@@ -139,7 +145,7 @@ class LossUnits:
                     "without it: pass scaler= to GradStatsMonitor (its changing scale would "
                     "otherwise enter tr(Sigma) and |G|^2 squared)")
         check_forms(self.forms, self.reduction_kind, self.accumulation, micro_batches,
-                    self.scaler_enabled())
+                    self.scaler_enabled(), self.counts)
 
     def roundoff(self, params: list[ParamState]) -> tuple[list[float], list[float]]:
         """Per parameter: the unit roundoff of the accumulation precision (float32 unless the
@@ -172,6 +178,7 @@ class LossForm:
     reduction: str | None
     factor: float
     scaled: bool
+    count: float | None = None  # the number of terms a mean reduction divides by
 
 
 _MEAN_NODES = {"MeanBackward0"}
@@ -205,25 +212,35 @@ def inspect_loss(loss: torch.Tensor, batch: int | None,
             return LossForm("sum", factor, scaled)
         if name in _MEAN_NODES:
             n = math.prod(node._saved_self_sym_sizes)
-            return LossForm("mean" if n == batch else "token_mean", factor, scaled)
+            return LossForm("mean" if n == batch else "token_mean", factor, scaled, float(n))
         reduction = getattr(node, "_saved_reduction", None)
         if reduction == 2:
             return LossForm("sum", factor, scaled)
         if reduction == 1:  # a loss function's own mean: over its targets, or its elements
             total = getattr(node, "_saved_total_weight", None)
             count = float(total) if isinstance(total, torch.Tensor) else node._saved_self.numel()
-            return LossForm("mean" if count == batch else "token_mean", factor, scaled)
+            return LossForm("mean" if count == batch else "token_mean", factor, scaled, count)
         return LossForm(None, factor, scaled)
     return LossForm(None, factor, scaled)
 
 
 def check_forms(forms: list[LossForm], declared: str, accumulation: str, micro_batches: int,
-                has_scaler: bool) -> None:
+                has_scaler: bool, counts: list[Any] = ()) -> None:
     """Raises ContractError, naming the mismatch, when the inspected losses of a step contradict
-    the monitor's declared units."""
+    the monitor's declared units (``counts``: under ``token_mean``, the token counts the monitor
+    used, one per forward, checked against the divisor of each loss's mean)."""
     from .contract import ContractError
 
-    for f in forms:
+    for k, f in enumerate(forms):
+        used = counts[k] if declared == "token_mean" and len(counts) == len(forms) else None
+        if isinstance(used, torch.Tensor):
+            used = float(used) if used.numel() == 1 else None
+        if f.count is not None and used is not None:
+            if used != f.count:
+                raise ContractError(
+                    f"loss_reduction='token_mean': the loss of micro-batch {k} is a mean over "
+                    f"{f.count:g} terms but the monitor's token count was {used:g}: pass "
+                    "token_counts= returning the loss's own count")
         if declared == "token_mean":  # a token sum over a token count reads as a scaled sum
             f = LossForm(None, 1.0 / micro_batches if accumulation == "mean" else 1.0, f.scaled)
         if f.reduction is not None and f.reduction != declared:

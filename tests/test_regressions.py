@@ -453,6 +453,30 @@ def test_12_two_views_of_the_same_examples(mode):
     check(stats, grads)
 
 
+@pytest.mark.parametrize("off_by", [-1, 1])
+def test_12_a_token_count_unlike_the_losses_is_named(off_by):
+    """token_mean: the loss divides by its valid targets (ignore_index excluded); a token_counts
+    that disagrees (one that forgets a shift, counts padding) would scale every statistic, so
+    check_loss compares the two. The right count passes."""
+    model = _mlp64()
+    x, y = torch.randn(6, 4, 3, dtype=torch.float64), torch.randint(0, 2, (6, 4))
+    y[torch.rand(6, 4) < 0.3] = -100
+    valid = int((y != -100).sum())
+
+    def run(count: int) -> None:
+        mon = GradStatsMonitor(model, loss_reduction="token_mean",
+                               token_counts=lambda a, k: torch.tensor(count))
+        out = model(x)
+        mon.check_loss(F.cross_entropy(out.reshape(-1, 2), y.reshape(-1))).backward()
+        mon.step()
+        model.zero_grad()
+        mon.detach()
+
+    run(valid)
+    with pytest.raises(ContractError, match=f"mean over {valid} terms .* was {valid + off_by}"):
+        run(valid + off_by)
+
+
 # ------------------------------------------------------------------ 13. messages
 def test_13_layer_names_are_listed_when_one_is_missing():
     model = _mlp64()
