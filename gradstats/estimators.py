@@ -383,6 +383,9 @@ class NoiseScaleEMA:
             return nan, nan, (f"smoothed |G|^2 not resolved from 0 at {float(confidence):g} "
                               "confidence (noise dominates the gradient)")
         b, se = self.b_simple, self.b_simple_stderr
+        if not b > 0.0:
+            return nan, nan, ("smoothed tr(Sigma) <= 0 (the gradient is the same for every "
+                              "example, up to rounding): no log-scale interval")
         se_log = se / b
         return b * math.exp(-z * se_log), b * math.exp(z * se_log), None
 

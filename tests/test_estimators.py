@@ -274,6 +274,17 @@ def test_ema_before_any_step_and_single_step():
     assert NoiseScaleEMA(0.9).interval_reason() == "no step yet"
 
 
+def test_ema_of_a_zero_trace_has_no_interval_and_says_why():
+    """tr(Sigma) = 0 (every example's gradient the same, e.g. a GroupNorm weight before global
+    pooling): B_simple = 0 has no log-scale interval, and asking for one must not raise."""
+    rng = np.random.default_rng()
+    ema = NoiseScaleEMA(0.9)
+    for _ in range(3):
+        ema.update(fake_est(0.0, 1.0 + rng.random()))
+    assert ema.b_simple == 0.0
+    assert all(math.isnan(x) for x in ema.interval()) and "tr(Sigma) <= 0" in ema.interval_reason()
+
+
 # --------------------------------------------------------------------------- 5. coverage
 def _coverage_streams(g2_true: float, streams: int = 400, steps: int = 300, n: int = 8,
                       d: int = 10, beta: float = 0.98, seed: int = 12345):
