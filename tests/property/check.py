@@ -218,7 +218,8 @@ def _low_check(case: Case, low: Reference, s: StepRecord, chunks, q: Quantities,
     """The comparisons of ``compare_step`` with torch's own per-example gradients in the case's
     precision standing in for the monitor."""
     G, c, ranks = low.per_example(s.weights, s.trainable, chunks)
-    ql, _ = quantities(case, G, c, ranks, layers)
+    # |G|^2 from a .grad stored in the parameters' precision, as the monitor's is
+    ql, _ = quantities(case, G, c, ranks, layers, store=None if case.autocast else case.dtype)
     stats = {"measured": True, "skipped": False, "skip_reason": None, "n": ql.n,
              "per_example": ql.S_i[ql.ranks == rank]}
     g = ql.groups[""]

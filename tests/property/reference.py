@@ -138,11 +138,18 @@ def assign_layers(params: list[str], layers: list[str]) -> tuple[dict[str, list[
 
 
 def group_stats(G: dict[str, torch.Tensor], names: list[str], c: torch.Tensor,
-                M: int | None) -> dict[str, float]:
+                M: int | None, store: torch.dtype | None = None) -> dict[str, float]:
+    """``store``: round the mean gradient to this dtype first, as torch's ``.grad`` of a
+    low-precision parameter is (the monitor's ``|G|^2`` comes from ``.grad``)."""
     N = c.numel()
     w = c / c.sum()
     S = sum(float(G[k].square().sum()) for k in names)
-    m = sum(float((w[:, None] * G[k]).sum(0).square().sum()) for k in names)
+
+    def mean(k: str) -> torch.Tensor:
+        g = (w[:, None] * G[k]).sum(0)
+        return g if store is None else g.to(store).double()
+
+    m = sum(float(mean(k).square().sum()) for k in names)
     w2 = float(w.square().sum())
     shrink = w2 - (1.0 / M if M else 0.0)
     if N < 2 or w2 >= 1.0:
@@ -152,15 +159,16 @@ def group_stats(G: dict[str, torch.Tensor], names: list[str], c: torch.Tensor,
 
 
 def quantities(case: Case, G: dict[str, torch.Tensor], c: torch.Tensor, ranks: torch.Tensor,
-               layers: list[str] | None) -> tuple[Quantities, list[str]]:
+               layers: list[str] | None, store: torch.dtype | None = None
+               ) -> tuple[Quantities, list[str]]:
     names = list(G)
     S_i = sum((G[k].square().sum(1) for k in names), torch.zeros(c.numel(), dtype=torch.float64))
-    groups = {"": group_stats(G, names, c, case.dataset_size)}
+    groups = {"": group_stats(G, names, c, case.dataset_size, store)}
     orphans: list[str] = []
     if layers is not None:
         by_layer, orphans = assign_layers(names, layers)
         for L, ps in by_layer.items():
-            groups[f"layer:{L}"] = group_stats(G, ps, c, case.dataset_size)
+            groups[f"layer:{L}"] = group_stats(G, ps, c, case.dataset_size, store)
     grad = {k: (c[:, None] * G[k]).sum(0) for k in names}
     scale = {k: (c[:, None] * G[k]).abs().sum(0) for k in names}
     return Quantities(S_i, ranks, groups, grad, scale, c.numel()), orphans
