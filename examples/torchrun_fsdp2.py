@@ -6,7 +6,7 @@ CPU (gloo) or one GPU per rank (nccl). Each block of a small residual MLP is sha
 ``fully_shard``; every rank runs ``--micro`` micro-batches per step. ``TwoBatchEstimator`` hooks
 the unsharded parameters' gradients (each micro-batch's local gradient, before FSDP2's
 reduce-scatter) and compares them with the reduce-scattered ``.grad``; rank 0 prints B_simple.
-The per-example ``GradStatsMonitor`` does not support FSDP2 yet.
+The per-example ``GradStatsMonitor`` takes the same ``fully_shard`` model (tests/test_fsdp.py).
 """
 from __future__ import annotations
 
