@@ -228,9 +228,10 @@ class Provenance(TorchFunctionMode):
             return entry[1]
         return Layout(0, 1)
 
-    def batch_first(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        """``t`` as ``[B, ...]``: its batch axis moved first and merged positions split off."""
-        lay = self.layout(t)
+    def batch_first(self, t: torch.Tensor, what: str, lay: Layout | None = None) -> torch.Tensor:
+        """``t`` as ``[B, ...]``: its batch axis moved first and merged positions split off
+        (``lay``: its layout when ``t`` is shaped like a tracked tensor, e.g. its gradient)."""
+        lay = self.layout(t) if lay is None else lay
         if lay.axis is None:
             raise ProvenanceError(f"{what}: cannot tell which axis of a {tuple(t.shape)} tensor "
                                   "is the batch (it went through an op gradstats does not "

@@ -30,7 +30,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
-from ..provenance import (Derived, Layout, Provenance, ProvenanceError, alignment,
+from ..provenance import (Derived, Provenance, ProvenanceError, alignment,
                           in_recomputation)
 from .base import Factor, Sink, dense_factor, dense_probe, flat3
 
@@ -340,8 +340,8 @@ class FunctionLevel:
         def hook(g):
             self.hooks.settle()
             (xs,) = self.hooks.unpack(packed)
-            A = _batch_first(self.prov, xs, layout, name)
-            G = _batch_first(self.prov, g.detach(), layout, name)
+            A = self.prov.batch_first(xs, name, layout)
+            G = self.prov.batch_first(g.detach(), name, layout)
             fwd.seen = True
             wn, bn = ops.linear_norms(A, G)
             if pw is not None:
@@ -416,8 +416,8 @@ class FunctionLevel:
         def hook(g):
             self.hooks.settle()
             (xs,) = self.hooks.unpack(packed)
-            X = _batch_first(self.prov, xs, layout, name)
-            Gb = _batch_first(self.prov, g.detach(), layout, name)
+            X = self.prov.batch_first(xs, name, layout)
+            Gb = self.prov.batch_first(g.detach(), name, layout)
             fwd.seen = True
             for local, (p, _) in params.items():
                 st = self.params.get(id(p))
@@ -575,16 +575,3 @@ def per_example(one: Callable, xs: tuple, g: torch.Tensor, what: str):
     return tuple(torch.stack(parts) for parts in zip(*rows))
 
 
-def _batch_first(prov: Provenance, t: torch.Tensor, layout: Layout, what: str) -> torch.Tensor:
-    """``t`` (shaped like a batched tensor with ``layout``) as ``[B, ...]``."""
-    if layout.axis is None:
-        raise ProvenanceError(f"{what}: cannot tell which axis of a {tuple(t.shape)} tensor is "
-                              "the batch (it went through an op gradstats does not follow)")
-    if layout.axis:
-        t = t.movedim(layout.axis, 0)
-    if layout.groups > 1:
-        t = t.unflatten(0, (-1, layout.groups))
-    if t.shape[0] != prov.batch:
-        raise ProvenanceError(f"{what}: a {tuple(t.shape)} tensor should carry the batch of "
-                              f"{prov.batch} examples in dim 0")
-    return t
