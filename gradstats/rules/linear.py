@@ -57,7 +57,8 @@ class LinearRule(Rule):
         """F.linear whose backward computes dW, db and the per-example norms in one op (the
         same autograd node with or without a sink, so activation checkpointing recomputes
         exactly what the first forward saved)."""
-        if sink is None and not torch.is_grad_enabled():
+        if sink is None and (not torch.is_grad_enabled()
+                             or torch._C._functorch.peek_interpreter_stack() is not None):
             return F.linear(x, module.weight, module.bias)
         E = P = rows = xw = yw = vb = None
         slot_w = slot_b = -1
@@ -83,19 +84,18 @@ class _FusedLinear(torch.autograd.Function):
     A backward with ``create_graph=True`` (gradient penalties) takes differentiable ops instead,
     so it can be differentiated again; a backward while the monitor is paused counts nothing."""
 
+    # forward(ctx, ...) rather than setup_context: with setup_context, Function.apply binds
+    # the arguments through inspect.signature on every call (~90 us per layer on this CPU).
+    # torch.func transforms need setup_context; fused_forward never applies this under one.
     @staticmethod
-    def forward(x, weight, bias, E, P, rows, slot_w, slot_b, xw, yw, vb, strategy):
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, E, P, rows, slot_w, slot_b, xw, yw, vb, strategy = inputs
+    def forward(ctx, x, weight, bias, E, P, rows, slot_w, slot_b, xw, yw, vb, strategy):
         ctx.save_for_backward(x, weight)
         # the accumulators are written by every layer's backward: not saved (no version check)
         ctx.acc = (E, P, rows, xw, yw, vb)
         ctx.has_bias = bias is not None
         ctx.slots = (slot_w, slot_b)
         ctx.strategy = strategy
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
