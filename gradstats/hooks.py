@@ -294,12 +294,6 @@ class Hooks:
             n += self.calls.get((id(layer), fid), 0) + (1 if layer.shared else 0)
         return n
 
-    def pack(self, saved: tuple):
-        return pack_saved(saved)
-
-    def unpack(self, packed) -> tuple:
-        return unpack_saved(*packed)
-
     def _meet(self, func, args, kwargs, derived):
         return self.functional.meet(func, args, kwargs, derived)
 

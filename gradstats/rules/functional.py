@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .. import ops
 from ..provenance import (Derived, Provenance, ProvenanceError, alignment,
                           in_recomputation)
+from ..saved import pack_saved, unpack_saved
 from .base import Factor, Sink, dense_factor, dense_probe, flat3
 
 __all__ = ["FunctionLevel"]
@@ -333,13 +334,13 @@ class FunctionLevel:
         if not out.requires_grad:
             return out
         layout = self.prov.layout(x)
-        packed = self.hooks.pack((x.detach(),))
+        packed = pack_saved((x.detach(),))
         # the parameter's layout relative to the W used: [out, in] rows/cols
         w_rows_out = (not transposed) == (pw is None or tuple(W.shape) == tuple(pw.shape))
 
         def hook(g):
             self.hooks.settle()
-            (xs,) = self.hooks.unpack(packed)
+            (xs,) = unpack_saved(*packed)
             A = self.prov.batch_first(xs, name, layout)
             G = self.prov.batch_first(g.detach(), name, layout)
             fwd.seen = True
@@ -410,12 +411,12 @@ class FunctionLevel:
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
             return out
         layout = self.prov.layout(x)
-        packed = self.hooks.pack((x.detach(),))
+        packed = pack_saved((x.detach(),))
         name = getattr(rule.func, "__name__", "a norm or conv function")
 
         def hook(g):
             self.hooks.settle()
-            (xs,) = self.hooks.unpack(packed)
+            (xs,) = unpack_saved(*packed)
             X = self.prov.batch_first(xs, name, layout)
             Gb = self.prov.batch_first(g.detach(), name, layout)
             fwd.seen = True
