@@ -30,4 +30,10 @@ TORCH_LIBRARY(gradstats, m) {
   // projections x_j^T g y_j for x [R, K] and y [C, K] (float64), and the K rounding scales
   // sum_rc (x_rj y_cj g_rc)^2 (the monitor's contract probe).
   m.def("grad_summary(Tensor g, Tensor x, Tensor y) -> Tensor");
+  // The numeric part of the monitor's step() in one call. E [S, N] and r [N] float64 are the
+  // accumulators (per-example squared norms, loss-reduction factors); the first n columns count.
+  // With c_i = coef r_i and w_i = 1/c_i^2 (0 where c_i = 0), returns float64 [2S + 2 + n]:
+  //   sum_i E[s, i] w_i (S),  |grads[s]|^2 (S; 0 for None, or all 0 when grads is empty),
+  //   sum_i c_i,  sum_i c_i^2,  sum_s E[s, i] w_i (n).
+  m.def("step_reduce(Tensor E, Tensor r, int n, float coef, Tensor?[] grads) -> Tensor");
 }

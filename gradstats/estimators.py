@@ -167,6 +167,7 @@ def step_estimate(
             "two are in different units (mean_grad_sq must be |mean of the n gradients|^2, not "
             "|their sum|^2)"
         )
+    m = None
     if dataset_size is not None:
         m = _as_count(dataset_size, "dataset_size")
         if m < n:
@@ -174,7 +175,13 @@ def step_estimate(
                 f"dataset_size must be >= n (the batch is drawn without replacement from "
                 f"dataset_size examples), got dataset_size={m}, n={n}"
             )
+    return _estimate(sum_sq, mgs, n, m, None if weights_sq is None else w2)
 
+
+def _estimate(sum_sq: float, mgs: float, n: int, m: int | None, weights_sq: float | None
+              ) -> StepEstimate:
+    """:func:`step_estimate` on arguments already checked (the monitor's own sums)."""
+    w2 = 1.0 / n if weights_sq is None else weights_sq
     if n == 1 or w2 >= 1.0:
         nan = math.nan
         return StepEstimate(n=n, tr_sigma=nan, g2=nan, b_simple=nan, defined=False,
@@ -183,10 +190,10 @@ def step_estimate(
     if weights_sq is None:
         tr = (sum_sq - n * mgs) / (n - 1)
         # 1/n - 1/M, formed from integers so that n == M gives exactly 0.
-        shrink = 1.0 / n if dataset_size is None else (m - n) / (n * m)
+        shrink = 1.0 / n if m is None else (m - n) / (n * m)
     else:
         tr = (sum_sq / n - mgs) / (1.0 - w2)
-        shrink = w2 - (0.0 if dataset_size is None else 1.0 / m)
+        shrink = w2 - (0.0 if m is None else 1.0 / m)
     g2 = mgs - tr * shrink
     if g2 > 0.0:
         return StepEstimate(n=n, tr_sigma=tr, g2=g2, b_simple=tr / g2, defined=True,

@@ -22,7 +22,7 @@ from torch import nn
 from . import contract, ops
 from .accumulators import Accumulators, Packing
 from .contract import ContractError, ProbeSchedule
-from .estimators import NoiseScaleEMA, step_estimate
+from .estimators import NoiseScaleEMA, _estimate
 from .hooks import Forward, Hooks
 from .layers import StructureWatch, discover, trainable
 from .provenance import find_batch
@@ -329,45 +329,55 @@ class GradStatsMonitor:
         self.schedule.note((sizes, scale))
         # example weights c_i (up to the world size): scale * reduction * 1/k
         k = len(seen) if self.units.accumulation == "mean" else 1
-        n_local = n_total
-        r = self.acc.r[:n_local]
+        r = self.acc.r
         if len(seen) < len(self._forwards):
             r = r.clone()
             for f in self._forwards:
                 if not f.seen:
                     r[f.rows] = 0.0
-        c_loc = r * (scale / k)
-        inv_c2 = torch.where(c_loc > 0, c_loc.reciprocal().square(), torch.zeros_like(c_loc))
-        E = self.acc.E[:, :n_local]
-        per_slot = E @ inv_c2 if n_local else torch.zeros(S, dtype=torch.float64, device=device)
         grads = [p.param.grad for p in P]
         anomaly = self._version_anomaly(grads)
-        side = contract.grad_summaries(
-            [None if g is None else g.detach() for g in grads], [p.probe_rows for p in P],
-            [p.probe_xy()[0] for p in P], [p.probe_xy()[1] for p in P], self._probing, device)
-        f64 = dict(dtype=torch.float64, device=device)
-        per_example = (E * inv_c2).sum(0) if n_local else torch.zeros(0, **f64)
-        if len(seen) < len(self._forwards):
-            per_example = torch.cat([per_example[f.rows] for f in seen])
-        # summed over ranks: the hooks' side; the same on every rank: the .grad side; local:
-        # the per-example norms. One all-reduce, one transfer.
-        packing = Packing(reduced=("sums", "hook_probe", "counts")
-                          + (("grad_side",) if self._sharded else ()),
-                          sums=per_slot, hook_probe=self.acc.P,
-                          counts=torch.stack([torch.tensor(float(sum(sizes)), **f64),
-                                              c_loc.sum(), c_loc.square().sum(),
-                                              torch.tensor(float(anomaly), **f64)]),
-                          grad_side=side, per_example=per_example)
         world = self._world_size()
-        if world > 1:
-            torch.distributed.all_reduce(packing.reduced_view(), group=self.process_group)
-        host = packing.to_host()
-        per_example = torch.from_numpy(host["per_example"].copy())
-        sums, hook_probe, grad_side = host["sums"], host["hook_probe"], host["grad_side"]
-        n, C, Q, anomalies = host["counts"]
-        n = int(round(n))
+        # the common step (one process, dense gradients, no probe): one op, one transfer
+        fast = world == 1 and not self._probing and all(
+            g is None or (type(g) is torch.Tensor and not g.is_sparse) for g in grads)
+        red = ops.step_reduce(self.acc.E, r, n_total, scale / k,
+                              [g if g is None or not g.requires_grad else g.detach()
+                               for g in grads] if fast else [])
+        if fast:
+            flat = red.cpu().numpy()
+            sums, C, Q = flat[:S], flat[2 * S], flat[2 * S + 1]
+            grad_side = np.zeros((S, 1 + 2 * PROBES))
+            grad_side[:, 0] = flat[S:2 * S]
+            hook_probe = np.zeros((S, 2 * PROBES))
+            per_example = torch.from_numpy(flat[2 * S + 2:].copy())
+            n, anomalies, finite = sum(sizes), float(anomaly), bool(np.isfinite(flat).all())
+        else:
+            side = contract.grad_summaries(
+                [None if g is None else g.detach() for g in grads], [p.probe_rows for p in P],
+                [p.probe_xy()[0] for p in P], [p.probe_xy()[1] for p in P], self._probing,
+                device)
+            f64 = dict(dtype=torch.float64, device=device)
+            # summed over ranks: the hooks' side; the same on every rank: the .grad side;
+            # local: the per-example norms. One all-reduce, one transfer.
+            packing = Packing(reduced=("sums", "hook_probe", "counts")
+                              + (("grad_side",) if self._sharded else ()),
+                              sums=red[:S], hook_probe=self.acc.P,
+                              counts=torch.cat([torch.tensor([float(sum(sizes))], **f64),
+                                                red[2 * S:2 * S + 2],
+                                                torch.tensor([float(anomaly)], **f64)]),
+                              grad_side=side, per_example=red[2 * S + 2:])
+            if world > 1:
+                torch.distributed.all_reduce(packing.reduced_view(), group=self.process_group)
+            host = packing.to_host()
+            per_example = torch.from_numpy(host["per_example"].copy())
+            sums, hook_probe, grad_side = host["sums"], host["hook_probe"], host["grad_side"]
+            n, C, Q, anomalies = host["counts"]
+            n, finite = int(round(n)), packing.finite()
+        if len(seen) < len(self._forwards):
+            per_example = torch.cat([per_example[f.rows.cpu()] for f in seen])
 
-        if not packing.finite():
+        if not finite:
             bad = [p.qualname for i, p in enumerate(P)
                    if not (np.isfinite(hook_probe[i]).all() and np.isfinite(grad_side[i]).all()
                            and np.isfinite(sums[i]))]
@@ -401,12 +411,16 @@ class GradStatsMonitor:
         layer_sum = np.bincount(self._layer_index, weights=sums, minlength=L)
         layer_mean = np.bincount(self._layer_index, weights=mean_sq, minlength=L)
         uniform = abs(w2 * n - 1.0) < 1e-12
+        if self.dataset_size is not None and n > self.dataset_size:
+            raise ValueError(f"dataset_size must be >= n (the batch is drawn without replacement "
+                             f"from dataset_size examples), got dataset_size={self.dataset_size}, "
+                             f"n={n}")
         layers = {}
         for i, name in enumerate(self.coverage.layer_names):
             est = self._estimate(layer_sum[i], layer_mean[i], n, None if uniform else w2)
             ema = self._layer_ema[name]
             ema.update(est)
-            layers[name] = LayerStats.of(est, ema)
+            layers[name] = (est, ema.tr_sigma, ema.g2, ema.b_simple)
         total = self._estimate(layer_sum.sum(), layer_mean.sum(), n, None if uniform else w2)
         self.ema.update(total)
         return StepStats(
@@ -419,9 +433,10 @@ class GradStatsMonitor:
 
     def _estimate(self, sum_sq: float, mean_sq: float, n: int, w2: float | None):
         # Rounding can push |gbar|^2 a hair above sum_i |g_i|^2 / n when every example agrees.
+        # the monitor's own sums: finite (checked), >= 0 and within Cauchy-Schwarz (the cap)
         cap = sum_sq * (w2 if w2 is not None else 1.0 / n)
-        return step_estimate(sum_sq, min(mean_sq, cap) if n > 1 else mean_sq, n,
-                             self.dataset_size, w2)
+        return _estimate(float(sum_sq), float(min(mean_sq, cap) if n > 1 else mean_sq), n,
+                         self.dataset_size, w2)
 
     # ----------------------------------------------------------------------------- contract
     def _version_anomaly(self, grads: list[torch.Tensor | None]) -> bool:

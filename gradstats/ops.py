@@ -14,7 +14,7 @@ Strategy = Literal["auto", "outer", "gram", "direct"]
 STRATEGIES: tuple[str, ...] = ("auto", "outer", "gram", "direct")
 
 __all__ = ["linear_norms", "linear_fused", "linear_strategy", "linear_collect",
-           "linear_fused_collect", "grad_summary", "STRATEGIES"]
+           "linear_fused_collect", "grad_summary", "step_reduce", "STRATEGIES"]
 
 
 def linear_norms(
@@ -77,6 +77,16 @@ def grad_summary(g: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return torch.ops.gradstats.grad_summary.default(g, x, y)
 
 
+def step_reduce(E: torch.Tensor, r: torch.Tensor, n: int, coef: float,
+                grads: list[torch.Tensor | None]) -> torch.Tensor:
+    """The numeric part of ``monitor.step()`` in one op. With ``c_i = coef * r_i`` and
+    ``w_i = 1 / c_i^2`` (0 where ``c_i = 0``) over the first ``n`` columns, float64
+    ``[2S + 2 + n]``: ``sum_i E[s, i] w_i`` per slot, ``|grads[s]|^2`` per slot (0 for None; all
+    0 when ``grads`` is empty), ``sum_i c_i``, ``sum_i c_i^2``, then ``sum_s E[s, i] w_i`` per
+    example."""
+    return torch.ops.gradstats.step_reduce.default(E, r, n, coef, grads)
+
+
 def linear_strategy(T: int, d_in: int, d_out: int, fused: bool = False) -> str:
     """The strategy ``"auto"`` picks for a Linear layer with T positions per example: for the
     norms alone (:func:`linear_norms`), or with the weight gradient (``fused``,
@@ -129,3 +139,8 @@ def _linear_fused_collect_fake(A, G, E, P, rows, slot_w, slot_b, xw, yw, vb, str
 def _grad_summary_fake(g, x, y):
     torch._check(g.dim() == 2, lambda: "grad_summary: g must be 2-D")
     return x.new_empty((1 + 2 * x.shape[1],), dtype=torch.float64)
+
+
+@torch.library.register_fake("gradstats::step_reduce")
+def _step_reduce_fake(E, r, n, coef, grads):
+    return E.new_empty((2 * E.shape[0] + 2 + n,), dtype=torch.float64)

@@ -42,15 +42,20 @@ class LayerTable(Mapping):
     """``stats.layers``: layer name -> :class:`LayerStats`; a missing name's error lists the
     valid ones."""
 
-    def __init__(self, items: dict[str, LayerStats]):
+    def __init__(self, items: dict[str, LayerStats | tuple]):
         self._items = items
 
     def __getitem__(self, name: str) -> LayerStats:
         try:
-            return self._items[name]
+            item = self._items[name]
         except KeyError:
             raise KeyError(f"no layer {name!r}; the layers are {list(self._items)} (module "
                            "names as in model.named_modules())") from None
+        if isinstance(item, tuple):  # built on first access: (estimate, EMA values then)
+            est, *ema = item
+            item = self._items[name] = LayerStats(est.tr_sigma, est.g2, est.b_simple,
+                                                  est.defined, est.reason, *ema)
+        return item
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
