@@ -70,7 +70,7 @@ void linear_probe(const at::Tensor& A2, const at::Tensor& G2, const at::Tensor& 
   check_probe_vector(xw, G2.size(1), K, dev, "xw", "linear probe");
   check_probe_vector(yw, A2.size(1), K, dev, "yw", "linear probe");
   check_probe_vector(vb, G2.size(1), K, dev, "vb", "linear probe");
-  if (A2.size(0) == 0) return;
+  if (A2.size(0) == 0 || !((xw.has_value() && yw.has_value()) || vb.has_value())) return;
   at::Tensor gn = at::linalg_vector_norm(G2, 2, {1}).to(at::kDouble);  // |g_t|
   if (slot_w >= 0 && xw.has_value() && yw.has_value()) {
     at::Tensor value = (thin_mm(G2, *xw).to(at::kDouble) * thin_mm(A2, *yw).to(at::kDouble)).sum(0);

@@ -257,8 +257,10 @@ def test_6_bfloat16_parameters_still_detect_faults(fault):
     if fault == "clipped":
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5 * _grad_norm(model))
     elif fault == "l2":
+        # 0.2 x param: at 0.05 the term hides under bf16 rounding of .grad for ~1 seed in 10
+        # (the probe's detection limit in this precision), and the test would be flaky
         for p in model.parameters():
-            p.grad.add_(p.detach(), alpha=0.05)
+            p.grad.add_(p.detach(), alpha=0.2)
     match = {"not-zeroed": "not zeroed", "clipped": "scaled by", "l2": "x param added"}[fault]
     with pytest.raises(ContractError, match=match):
         mon.step()  # a warm-up step: probed

@@ -199,6 +199,38 @@ std::tuple<at::Tensor, at::Tensor> fused_direct(const Prepared& p) {
   return {dW, norms};
 }
 
+// T == 1 straight into the accumulators: E[slot_w, rows[i]] += |a_i|^2 |g_i|^2 and
+// E[slot_b, rows[i]] += |g_i|^2 in one pass over A and G, no temporaries (a layer's norms cost
+// less than the dispatch of the half-dozen small ops they took). rows are distinct columns;
+// only a step that overflowed the accumulators under torch.compile repeats one, and step()
+// discards that step.
+void outer_collect(const Prepared& p, const at::Tensor& E, const at::Tensor& rows_in,
+                   int64_t slot_w, int64_t slot_b) {
+  if (slot_w < 0 && slot_b < 0) return;
+  at::Tensor rows = rows_in.contiguous();
+  const int64_t* r = rows.const_data_ptr<int64_t>();
+  double* e = E.mutable_data_ptr<double>();
+  const int64_t ld = E.stride(0), di = p.s.d_in, dout = p.s.d_out;
+  double* ew = slot_w >= 0 ? e + slot_w * ld : nullptr;
+  double* eb = slot_b >= 0 ? e + slot_b * ld : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(p.A.scalar_type(), "gradstats_outer_collect", [&] {
+    const scalar_t* a = p.A.const_data_ptr<scalar_t>();
+    const scalar_t* g = p.G.const_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(16, kMinWorkPerThread / std::max<int64_t>(1, di + dout));
+    at::parallel_for(0, p.s.B, grain, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const double ng = dot(g + i * dout, g + i * dout, dout);
+        if (ew) ew[r[i]] += dot(a + i * di, a + i * di, di) * ng;
+        if (eb) eb[r[i]] += ng;
+      }
+    });
+  });
+}
+
+bool outer_route(const Prepared& p, Strategy st, const at::Tensor& E) {
+  return st == Strategy::Outer && p.s.B > 0 && E.is_cpu() && E.stride(1) == 1;
+}
+
 struct FusedResult {
   at::Tensor dW, db, nw, nb;
 };
@@ -245,6 +277,11 @@ void linear_collect_cpu(const at::Tensor& A, const at::Tensor& G, const at::Tens
   Prepared p = prepare(A, G, "linear_collect");
   check_accumulators(E, P, rows, p.s.B, slot_w, slot_b, A.device(), "linear_collect");
   if (p.s.B == 0) return;
+  if (outer_route(p, resolve_strategy(strategy, p.s, "linear_collect"), E)) {
+    outer_collect(p, E, rows, slot_w, slot_b);
+    linear_probe(p.A.view({-1, p.s.d_in}), p.G.view({-1, p.s.d_out}), P, slot_w, slot_b, xw, yw, vb);
+    return;
+  }
   if (slot_w >= 0) add_norms(E, rows, slot_w, weight_norms(p, resolve_strategy(strategy, p.s, "linear_collect"), true));
   if (slot_b >= 0) add_norms(E, rows, slot_b, std::get<1>(bias_grads(p, true)));
   linear_probe(p.A.view({-1, p.s.d_in}), p.G.view({-1, p.s.d_out}), P, slot_w, slot_b, xw, yw, vb);
@@ -257,14 +294,21 @@ std::tuple<at::Tensor, at::Tensor> linear_fused_collect_cpu(
     c10::string_view strategy) {
   Prepared p = prepare(A, G, "linear_fused_collect");
   check_accumulators(E, P, rows, p.s.B, slot_w, slot_b, A.device(), "linear_fused_collect");
-  FusedResult r = fused(p, resolve_strategy(strategy, p.s, "linear_fused_collect", true), true);
+  const Strategy st = resolve_strategy(strategy, p.s, "linear_fused_collect", true);
+  const auto grad_dtype = c10::promoteTypes(A.scalar_type(), G.scalar_type());
+  if (outer_route(p, st, E)) {
+    outer_collect(p, E, rows, slot_w, slot_b);
+    at::Tensor A2 = p.A.view({p.s.B, p.s.d_in}), G2 = p.G.view({p.s.B, p.s.d_out});
+    linear_probe(A2, G2, P, slot_w, slot_b, xw, yw, vb);
+    return {at::mm(G2.t(), A2).to(grad_dtype), G2.sum(0).to(grad_dtype)};
+  }
+  FusedResult r = fused(p, st, true);
   if (p.s.B > 0) {
     add_norms(E, rows, slot_w, r.nw);
     add_norms(E, rows, slot_b, r.nb);
     linear_probe(p.A.view({-1, p.s.d_in}), p.G.view({-1, p.s.d_out}), P, slot_w, slot_b, xw, yw,
                  vb);
   }
-  const auto grad_dtype = c10::promoteTypes(A.scalar_type(), G.scalar_type());
   return {r.dW.to(grad_dtype), r.db.to(grad_dtype)};
 }
 
