@@ -463,9 +463,10 @@ def test_small_cnn_whole_model(mode, dtype):
     (lambda: nn.Conv2d(3, 8, 3, padding=1), (3, 12, 12), "direct"),  # many positions
     (lambda: nn.Conv2d(16, 16, 3, stride=2, groups=2), (16, 5, 5), "gram"),  # few positions
 ])
-def test_conv_strategies_match_torch_func(make, x_shape, want):
-    """Both conv routes: per-example weight gradients from the batch-as-groups weight-gradient
-    kernel (direct) and the unfolded Gram route."""
+@pytest.mark.parametrize("route", [None, "grouped", "unfold"])
+def test_conv_strategies_match_torch_func(make, x_shape, want, route):
+    """Every conv route: per-example weight gradients from the batch-as-groups weight-gradient
+    kernel (grouped), the unfolded view (Gram or direct), and the cost model's choice (None)."""
     import math
 
     from gradstats import ops as _ops
@@ -487,7 +488,10 @@ def test_conv_strategies_match_torch_func(make, x_shape, want):
     from gradstats.rules import rule_for
 
     G = 2 * conv(x).detach()
-    got = rule_for(conv).norms(conv, x, G)["weight"]
+    if route is None:
+        got = rule_for(conv).norms(conv, x, G)["weight"]
+    else:
+        got = rule_for(conv).weight_norms(conv, x, G, route)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
 
 

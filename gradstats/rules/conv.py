@@ -92,6 +92,12 @@ def _unfold_groups(module: nn.Module, xp: torch.Tensor) -> torch.Tensor:
     return v.reshape(B * g, L, -1)
 
 
+def _bias_norms(grad: torch.Tensor) -> torch.Tensor:
+    """``|db_i|^2 = sum_c (sum_l g_icl)^2`` for the output gradient ``[B, C_out, *L]``."""
+    dt = torch.promote_types(grad.dtype, torch.float32)
+    return grad.reshape(grad.shape[0], grad.shape[1], -1).sum(2, dtype=dt).square().sum(1)
+
+
 def _grad_groups(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     """``[B * groups, L, C_out/groups]`` view of the output gradient ``[B, C_out, *L]``."""
     B, C = grad.shape[:2]
@@ -106,20 +112,29 @@ class ConvRule(Rule):
 
     def collect(self, module, saved, grad_output, sink):
         x, grad = _batched(module, saved[0], grad_output)
-        B, g = x.shape[0], module.groups
         if needs(module, "weight"):
-            patch = (x.shape[1] // g) * math.prod(module.kernel_size)
-            positions = math.prod(grad.shape[2:])
-            if ops.linear_strategy(positions, patch, grad.shape[1] // g) == "direct":
-                sink.add("weight", self._direct_norms(module, x, grad))
-            else:
-                sink.add("weight", self._unfolded_norms(module, x, grad, patch * g * positions))
+            sink.add("weight", self.weight_norms(module, x, grad))
         if needs(module, "bias"):
-            dt = torch.promote_types(grad.dtype, torch.float32)
-            sink.add("bias", grad.reshape(B, grad.shape[1], -1).sum(2, dtype=dt).square().sum(1))
+            sink.add("bias", _bias_norms(grad))
         if sink.probing:
             for k, v in self._probe(module, x, grad, sink).items():
                 sink.probe(k, v)
+
+    def weight_norms(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor,
+                     route: str | None = None) -> torch.Tensor:
+        """``|dW_i|^2`` by ``route``: ``"grouped"`` (each example's weight gradient from the
+        convolution weight-gradient kernel, the batch folded into the groups) or ``"unfold"``
+        (the im2col view as a Linear layer with T = output positions, Gram or direct); None:
+        grouped where the Linear cost model picks direct, unfold where it picks Gram (few
+        positions)."""
+        patch = (x.shape[1] // module.groups) * math.prod(module.kernel_size)
+        positions = math.prod(grad.shape[2:])
+        if route is None:
+            direct = ops.linear_strategy(positions, patch, grad.shape[1] // module.groups)
+            route = "grouped" if direct == "direct" else "unfold"
+        if route == "grouped":
+            return self._direct_norms(module, x, grad)
+        return self._unfolded_norms(module, x, grad, patch * module.groups * positions)
 
     def _unfolded_norms(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor,
                         per_example: int) -> torch.Tensor:
@@ -209,3 +224,4 @@ class ConvRule(Rule):
             raise ValueError(f"{type(module).__name__}: expected a [B, C, *spatial] input with "
                              f"{n} spatial dims, got shape {tuple(x.shape)}")
         return (x.detach(),)
+
