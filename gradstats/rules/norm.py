@@ -8,8 +8,8 @@ example's positions so that ``r`` runs over everything ``gamma`` is shared acros
     dgamma_i[k] = sum_r g_irk xhat_irk          dbeta_i[k] = sum_r g_irk
 
 and the per-example squared norms are ``|dgamma_i|^2`` and ``|dbeta_i|^2``. ``xhat`` is
-recomputed from the saved input in the backward hook (float32, float64 for float64 inputs) with
-the module's eps:
+recomputed from the saved input in the backward hook (float32, float64 for float64 inputs; the
+sums over r in the same precision) with the module's eps:
 
 - LayerNorm: mean and biased variance over the last ``len(normalized_shape)`` dims;
 - RMSNorm: ``x / sqrt(mean(x^2) + eps)`` over the same dims (eps None: float32's, or float64's
@@ -46,11 +46,13 @@ class _AffineNormRule(Rule):
     def per_example(self, module, x, grad) -> dict[str, torch.Tensor]:
         """Each example's dgamma and dbeta, ``[B, K]`` float64."""
         g, xhat, _, rd = self.layout(module, x, grad, compute_dtype(x))
-        out = {}  # products in the input's precision, their sums in float64
+        # products and sums in the compute precision (float32 at least: torch's cascade sums
+        # keep the error near eps log R); a float64 sum of float32 terms cost 3x the whole pass
+        out = {}
         if needs(module, "weight"):
-            out["weight"] = (g * xhat).sum(rd, dtype=torch.float64)
+            out["weight"] = (g * xhat).sum(rd).to(torch.float64)
         if needs(module, "bias"):
-            out["bias"] = g.sum(rd, dtype=torch.float64)
+            out["bias"] = g.sum(rd).to(torch.float64)
         return out
 
     def collect(self, module, saved, grad_output, sink):
