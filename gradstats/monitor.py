@@ -420,7 +420,7 @@ class GradStatsMonitor:
             est = self._estimate(layer_sum[i], layer_mean[i], n, None if uniform else w2)
             ema = self._layer_ema[name]
             ema.update(est)
-            layers[name] = (est, ema.tr_sigma, ema.g2, ema.b_simple)
+            layers[name] = (est, (ema.tr_sigma, ema.g2, ema.b_simple))
         total = self._estimate(layer_sum.sum(), layer_mean.sum(), n, None if uniform else w2)
         self.ema.update(total)
         return StepStats(

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from .estimators import NoiseScaleEMA, StepEstimate
+from .estimators import StepEstimate
 
 __all__ = ["LayerStats", "StepStats", "LayerTable"]
 
@@ -29,13 +29,9 @@ class LayerStats:
     b_simple_ema: float
 
     @classmethod
-    def of(cls, est: StepEstimate | None, ema: NoiseScaleEMA, reason: str | None = None
-           ) -> LayerStats:
-        if est is None:
-            nan = math.nan
-            return cls(nan, nan, nan, False, reason, ema.tr_sigma, ema.g2, ema.b_simple)
-        return cls(est.tr_sigma, est.g2, est.b_simple, est.defined, est.reason,
-                   ema.tr_sigma, ema.g2, ema.b_simple)
+    def of(cls, est: StepEstimate, ema: tuple[float, float, float]) -> LayerStats:
+        """This step's estimate beside the EMA values ``(tr_sigma, g2, b_simple)`` after it."""
+        return cls(est.tr_sigma, est.g2, est.b_simple, est.defined, est.reason, *ema)
 
 
 class LayerTable(Mapping):
@@ -52,9 +48,7 @@ class LayerTable(Mapping):
             raise KeyError(f"no layer {name!r}; the layers are {list(self._items)} (module "
                            "names as in model.named_modules())") from None
         if isinstance(item, tuple):  # built on first access: (estimate, EMA values then)
-            est, *ema = item
-            item = self._items[name] = LayerStats(est.tr_sigma, est.g2, est.b_simple,
-                                                  est.defined, est.reason, *ema)
+            item = self._items[name] = LayerStats.of(*item)
         return item
 
     def __iter__(self) -> Iterator[str]:

@@ -224,4 +224,3 @@ class ConvRule(Rule):
             raise ValueError(f"{type(module).__name__}: expected a [B, C, *spatial] input with "
                              f"{n} spatial dims, got shape {tuple(x.shape)}")
         return (x.detach(),)
-
