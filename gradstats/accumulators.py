@@ -29,6 +29,9 @@ from .rules.base import PROBES
 
 __all__ = ["Accumulators", "Packing"]
 
+#: compiled forwards per step whose sizes are kept (more: the step is reported unmeasured)
+MAX_TRACED_FORWARDS = 256
+
 
 class Accumulators:
     def __init__(self, slots: int, device: torch.device, capacity: int = 1024) -> None:
@@ -43,6 +46,9 @@ class Accumulators:
         # tensors, so reading them never waits for a GPU
         self.dev_count = torch.zeros((), dtype=torch.int64)
         self.dev_forwards = torch.zeros((), dtype=torch.int64)
+        self.dev_sizes = torch.zeros(MAX_TRACED_FORWARDS, dtype=torch.int64)
+        # per covered layer: its backwards in compiled graphs this step (gradstats.traced)
+        self.hits = torch.zeros(0, dtype=torch.int64)
 
     @property
     def capacity(self) -> int:
@@ -54,6 +60,8 @@ class Accumulators:
         if torch.compiler.is_compiling():
             rows = self.dev_count + torch.arange(batch, device=self.device)
             rows = rows.clamp_max(self.capacity - 1)  # overflow: found and reported in step()
+            self.dev_sizes.index_fill_(
+                0, self.dev_forwards.clamp_max(MAX_TRACED_FORWARDS - 1).reshape(1), batch)
             self.dev_count.add_(batch)
             self.dev_forwards.add_(1)
             factor = torch.as_tensor(reduction, dtype=torch.float64, device=self.device)
@@ -82,6 +90,12 @@ class Accumulators:
         n = self.count + n_dev
         return n, self.forwards + int(self.dev_forwards), n > self.capacity
 
+    def traced(self) -> tuple[list[int], list[int]]:
+        """``(sizes, hits)``: the batch sizes of this step's compiled forwards (at most
+        ``MAX_TRACED_FORWARDS``) and each layer's backwards counted in compiled graphs."""
+        f = int(self.dev_forwards)
+        return self.dev_sizes[:min(f, MAX_TRACED_FORWARDS)].tolist(), self.hits.tolist()
+
     def reset(self, grow_to: int = 0) -> None:
         """Zeroes what this step wrote (and grows the buffers for the next one if asked)."""
         n = min(self.count + int(self.dev_count), self.capacity)
@@ -91,6 +105,7 @@ class Accumulators:
         self.count = self.forwards = 0
         self.dev_count.zero_()
         self.dev_forwards.zero_()
+        self.hits.zero_()
         if grow_to > self.capacity:
             self._grow(grow_to)
 

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 from .accumulators import Accumulators
 from .contract import ContractError
 from .layers import Coverage, LayerState
+from . import traced
 from .provenance import Derived, Layout, Provenance, Source, in_recomputation, tensor_leaves
 from .rules.base import Factor, Sink, cross_term, dense_factor
 from .saved import pack_saved, unpack_saved
@@ -77,7 +78,9 @@ def _fused_forward(module: nn.Module, *args, **kwargs):
     hooks, layer = _layer_installed(module)
     if hooks is None:  # a deepcopy of a watched module
         return type(module).forward(module, *args, **kwargs)
-    return hooks.run_fused(layer, args, kwargs)
+    from .fused import run_fused
+
+    return run_fused(hooks, layer, args, kwargs)
 
 
 class Hooks:
@@ -113,6 +116,16 @@ class Hooks:
         self.by_module: weakref.WeakKeyDictionary[nn.Module, LayerState] = (
             weakref.WeakKeyDictionary())
         self.handles: list[Any] = []
+        # the compiled path (gradstats.traced): its plan, and what the eager path learns for it
+        self.plan = "learning"  # "ready": compiled forwards take gradstats.traced; or "never"
+        self.plain: dict[tuple[int, int], int] = {}  # (layer, fid) -> uses on a dim-0 batch
+        self.plain_root = True
+        self.free: dict[tuple[int, int], tuple] = {}  # (layer, fid) -> forms of its meets
+        self.treatment: dict[int, str] = {}  # id(layer) -> its form on the compiled path
+        self.traced_rows: torch.Tensor | None = None
+        self.traced_batch: Any = None
+        self.units: Any = None  # the monitor's LossUnits
+        acc.hits = torch.zeros(len(coverage.layers), dtype=torch.int64)
         self._vectors = {id(layer): {k: p.vectors for k, p in layer.params.items()}
                          for layer in coverage.layers.values()}
         self._slots = {id(layer): layer.slots for layer in coverage.layers.values()}
@@ -179,7 +192,22 @@ class Hooks:
         # torch.compile: each hook runs eagerly (a graph break around it), so the taps it
         # registers sit on real tensors and its bookkeeping runs; see README "torch.compile"
         wake, refresh, enter, on_forward = map(_eager, (wake, refresh, enter, on_forward))
-        root_pre, root_post = _eager(root_pre), _eager(root_post)
+        eager_pre, eager_post = _eager(root_pre), _eager(root_post)
+
+        # with the plan ready, compiled forwards trace gradstats.traced instead: no breaks
+        def root_pre(module, args, kwargs):
+            hooks = ref()
+            if torch.compiler.is_compiling() and hooks is not None and hooks.plan == "ready":
+                return None  # traced.root runs inside the root's forward
+            return eager_pre(module, args, kwargs)
+
+        def root_post(module, args, kwargs, output):
+            hooks = ref()
+            if torch.compiler.is_compiling() and hooks is not None and hooks.plan == "ready":
+                return None
+            return eager_post(module, args, kwargs, output)
+
+        traced.register(ref, self.coverage.layers.values())
         self._owners = {modules[name]: sts for name, sts in owners.items()}
         for m in self._owners:
             self.handles.append(m.register_forward_pre_hook(refresh))
@@ -203,12 +231,12 @@ class Hooks:
             if rule.replaces_forward or fuse:
                 layer.fused = True
                 _INSTALLED[m] = (self, layer)
-                m.forward = types.MethodType(_eager(_fused_forward), m)
+                m.forward = types.MethodType(traced.fused_method(id(layer), _eager(_fused_forward)), m)
             else:
-                self.handles.append(m.register_forward_pre_hook(enter))
+                self.handles.append(m.register_forward_pre_hook(traced.either_pre(id(layer), enter)))
                 self.handles.append(m.register_forward_hook(
-                    on_forward, with_kwargs=getattr(rule, "wants_kwargs", False),
-                    always_call=True))
+                    traced.either_post(id(layer), on_forward),
+                    with_kwargs=getattr(rule, "wants_kwargs", False), always_call=True))
 
     def detach(self) -> None:
         if _WATCHED.get(self.model) is not None and _WATCHED[self.model]() is self:
@@ -216,6 +244,8 @@ class Hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        traced.unregister(self.coverage.layers.values())
+        traced.unwrap_root(self.model)
         for layer in self.coverage.layers.values():
             if _INSTALLED.get(layer.module, (None,))[0] is self:
                 del _INSTALLED[layer.module]
@@ -236,6 +266,10 @@ class Hooks:
         if not self.counting() or in_recomputation():
             return
         self.fwd = self.begin_forward(args, kwargs)
+        if self.fwd is not None:
+            first = next(tensor_leaves((args, kwargs)), None)
+            if first is None or first.dim() == 0 or first.shape[0] != self.fwd.batch:
+                self.plain_root = False  # the compiled path takes the batch from this tensor
         if self.fwd is not None and self._mode_depth == 0:
             self.provenance.begin(self.fwd.batch)
             if self.batch_dim:
@@ -257,6 +291,9 @@ class Hooks:
         self.calls.clear()
         self.factors.clear()
         self.stash.clear()
+        self.plain.clear()
+        self.free.clear()
+        self.plain_root = True
 
     def _sink(self, layer: LayerState, fwd: Forward) -> Sink:
         vectors = self._vectors[id(layer)] if self.probing else None
@@ -278,6 +315,24 @@ class Hooks:
         if not requires_grad or not self.counting():
             return None
         return fwd, call
+
+    def _plain(self, layer: LayerState, fwd: Forward) -> None:
+        key = (id(layer), fwd.fid)
+        self.plain[key] = self.plain.get(key, 0) + 1
+
+    def note_meet(self, d: Derived, kind: str, k: int, prepended: int, axis: int,
+                  fwd: Forward) -> None:
+        """A batch-free layer's output met the batch in a broadcasting op: the form in which the
+        compiled path can reproduce it at the layer's output (:mod:`gradstats.traced`)."""
+        if in_recomputation() or len(d.sources) != 1 or d.sources[0].layer is None:
+            return
+        form = None
+        if axis == 0 and d.fn is _identity_fn:  # the layer's output itself, not a view of it
+            form = {("broadcast", True): "prepend" if prepended == 1 else None,
+                    ("broadcast", False): "dim0" if k == 0 else None,
+                    ("aligned", False): "plain" if k == 0 else None}.get((kind, k < 0))
+        key = (id(d.sources[0].layer), fwd.fid)
+        self.free[key] = self.free.get(key, ()) + (form,)
 
     def _repeated(self, layer: LayerState, fid: int) -> bool:
         """Whether a use of ``layer`` needs cross terms: a parameter shared with another layer,
@@ -331,6 +386,10 @@ class Hooks:
                     f"carry the batch of {fwd.batch} examples in dim 0, but it came through ops "
                     "gradstats does not follow")
         saved = layer.rule.capture(module, inputs, output)
+        if (isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == fwd.batch
+                and not self.batch_dim and isinstance(output, torch.Tensor)
+                and not getattr(layer.rule, "multi_output", False) and not in_recomputation()):
+            self._plain(layer, fwd)
         if self.batch_dim:
             saved = tuple(t.movedim(self.batch_dim, 0) if isinstance(t, torch.Tensor) else t
                           for t in saved)
@@ -541,85 +600,6 @@ class Hooks:
                 norms = norms + sum(2.0 * cross_term(f, mine) for f in shared)
             self.acc.E[slot].index_add_(0, rows, norms)
         self.stash.clear()
-
-    # ------------------------------------------------------------------------- fused
-    def run_fused(self, layer: LayerState, args: tuple, kwargs: dict) -> Any:
-        x = args[0] if args else None
-        if self._derived_input((args, kwargs)):
-            return type(layer.module).forward(layer.module, *args, **kwargs)
-        if (isinstance(x, torch.Tensor) and self.fwd is not None and self._mode_depth
-                and not self.paused and self.provenance.derived(x) is not None):
-            # batch-free input: measured through the function level, like hooks mode
-            self.provenance.inside += 1
-            try:
-                out = type(layer.module).forward(layer.module, *args, **kwargs)
-            finally:
-                self.provenance.inside -= 1
-            if (isinstance(out, torch.Tensor) and out.requires_grad
-                    and self._use(layer, True) is not None):
-                self._batch_free_call(layer, args, out)
-            return out
-        lay = self.provenance.layout(x) if isinstance(x, torch.Tensor) else None
-        if layer.rule.replaces_forward and lay is not None and self._mode_depth:
-            expected = 0 if getattr(layer.module, "batch_first", True) else 1
-            if x.dim() == 3 and lay.axis != expected:
-                raise ContractError(
-                    f"{layer.name} ({type(layer.module).__name__}, batch_first="
-                    f"{getattr(layer.module, 'batch_first', None)}): its query keeps the batch in "
-                    f"dim {lay.axis}, not {expected}")
-        elif lay is not None and (lay.axis != 0 or lay.groups != 1):
-            raise ContractError(
-                f"{layer.name} ({type(layer.module).__name__}) in fused mode gets an input whose "
-                "batch is not in dim 0; use mode='hooks' for it")
-        self.provenance.inside += 1
-        try:
-            out = self._run_fused(layer, args, kwargs)
-        finally:
-            self.provenance.inside -= 1
-        if isinstance(out, torch.Tensor) and self.fwd is not None:
-            self.note_dtype(out.dtype)
-        if lay is not None and self._mode_depth:
-            for t in tensor_leaves(out):
-                if t.dim() == x.dim():
-                    self.provenance.set_layout(t, lay)
-        return out
-
-    def _run_fused(self, layer: LayerState, args: tuple, kwargs: dict) -> Any:
-        module, rule = layer.module, layer.rule
-        if rule.replaces_forward:
-            needs = any(p.param.requires_grad for p in layer.params.values())
-            use = self._use(layer, needs)
-            watch = None
-            if use is not None:
-                fwd, _ = use
-                sink = self._sink(layer, fwd)
-
-                def watch(y, saved, part, collect, factors):
-                    packed, unpack = pack_saved((saved,))
-                    cell = [packed]
-
-                    def hook(grad):
-                        if not self.paused:
-                            (s,) = self._take(cell, layer, unpack)
-                            self._collect(layer, fwd, part, s, grad.detach(), sink, factors,
-                                          collect)
-
-                    y.register_hook(hook)
-
-            return rule.forward(module, watch, *args, **kwargs)
-        (x,) = args
-        needs = any(p.param.requires_grad for p in layer.params.values())
-        use = self._use(layer, needs and torch.is_grad_enabled())
-        if use is None:
-            return type(module).forward(module, x)
-        fwd, _ = use
-        sink = self._sink(layer, fwd)
-
-        def on_backward(saved_x, grad):
-            if self._repeated(layer, fwd.fid):
-                self.add_cross_terms(fwd, None, rule.factors(module, (saved_x,), grad), sink)
-
-        return rule.fused_forward(module, x, sink, on_backward, gate=self)
 
     def function_sink(self, slots: dict[str, int], vectors: dict, fwd: Forward) -> Sink:
         return Sink(self.acc.E, self.acc.P, fwd.rows, slots, vectors if self.probing else None,

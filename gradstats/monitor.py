@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import contract, ops
+from . import contract, ops, traced
 from .accumulators import Accumulators, Packing
 from .contract import ContractError, ProbeSchedule
 from .estimators import NoiseScaleEMA, _estimate
 from .hooks import Forward, Hooks
 from .layers import StructureWatch, discover, trainable
-from .provenance import find_batch
+from .provenance import find_batch, tensor_leaves
 from .rules.base import PROBES
 from .stats import LayerStats, LayerTable, StepStats
 from .units import LossUnits
@@ -155,6 +155,7 @@ class GradStatsMonitor:
         self.hooks = Hooks(self.model, self.coverage, self.acc, mode=self.mode,
                            batch_dim=self.batch_dim, strategy=self._strategy,
                            begin_forward=self._begin_forward, note_dtype=self.units.note_dtype)
+        self.hooks.units = self.units
         self._sharded = any(type(p.param) is not nn.Parameter and type(p.param) is not
                             torch.Tensor and hasattr(p.param, "device_mesh")
                             for p in self._params)
@@ -210,10 +211,12 @@ class GradStatsMonitor:
         if self._views is not None:
             raise RuntimeError("monitor.same_examples() blocks do not nest")
         self._views = [None]
+        plan, self.hooks.plan = self.hooks.plan, "learning"  # the compiled path has no views
         try:
             yield
         finally:
             self._views = None
+            self.hooks.plan = plan
 
     def check_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Reads the loss's autograd graph before ``backward()`` and, at :meth:`step`, checks it
@@ -282,7 +285,12 @@ class GradStatsMonitor:
             return self._unmeasured(changed, skipped=True)
         self.hooks.flush()
         n_total, _, overflow = self.acc.totals()
+        compiled = self._traced_forwards()
+        if isinstance(compiled, str):
+            return self._unmeasured(compiled, skipped=True)
         seen = [f for f in self._forwards if f.seen]
+        if not compiled:
+            traced.learn(self.hooks, seen, self._eligible_for_compile())
         if not seen and self._world_size() == 1:
             raise RuntimeError("step() called with no counted backward pass since the last step")
         self.units.check(len(seen))
@@ -291,6 +299,86 @@ class GradStatsMonitor:
             return self._unmeasured(f"{n_total} examples overflowed the accumulators under "
                                     "torch.compile; they grow for the next step", skipped=True)
         return self._statistics(n_total, seen)
+
+    def _eligible_for_compile(self) -> str | None:
+        """Why the monitor's configuration cannot take the compiled path (None: it can)."""
+        if self.units.scaler is not None:
+            return "a GradScaler"
+        if self.units.reduction_kind not in ("sum", "mean"):
+            return f"loss_reduction={self.units.reduction_kind!r}"
+        if self._ddp or self._sharded or self.process_group is not None:
+            return "data-parallel or sharded training"
+        return None
+
+    def prepare_compile(self, *args: Any, **kwargs: Any) -> None:
+        """Runs the model once eagerly on example inputs, forward and backward, so that the
+        monitor learns the layout its compiled path needs (:mod:`gradstats.traced`) before the
+        first compiled call: then ``torch.compile(model, fullgraph=True)`` traces with no graph
+        break from the first step. ``.grad`` is left as it was and no statistics are recorded.
+        Without it, the first compiled step runs the eager path (graph breaks) and the next ones
+        recompile into the traced path once. Raises ValueError, naming the reason, for a model
+        or configuration the compiled path does not cover."""
+        if self.hooks.plan == "ready":
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad for p in params]
+        measuring = self.hooks.measuring
+        try:
+            for p in params:
+                p.grad = None
+            self.hooks.measuring = True
+            with torch.enable_grad():
+                out = self.model(*args, **kwargs)
+            leaves = [t for t in tensor_leaves(out) if t.requires_grad and t.is_floating_point()]
+            if not leaves:
+                raise ValueError("prepare_compile: the model's output has no tensor that needs a "
+                                 "gradient")
+            sum(t.float().sum() for t in leaves).backward()
+            self.hooks.flush()
+            why = traced.learn(self.hooks, [f for f in self._forwards if f.seen],
+                               self._eligible_for_compile())
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.hooks.measuring = measuring
+            self.hooks.reset()
+            self.acc.reset()
+            self.units.end_step()
+            self._forwards = []
+        if why is not None:
+            raise ValueError(f"prepare_compile: the compiled path does not cover this model "
+                             f"({why}); torch.compile without fullgraph=True still works, with "
+                             "graph breaks around the monitor's hooks")
+
+    def _traced_forwards(self) -> bool | str:
+        """Turns this step's compiled forwards (:mod:`gradstats.traced`) into forward records;
+        False when there were none, a reason when their counts do not add up."""
+        sizes, hits = self.acc.traced()
+        if not sizes:
+            return False
+        if self._forwards:
+            return ("this step mixed eager and compiled forwards of the model; the monitor "
+                    "measures steps whose forwards are all one or the other")
+        f = int(self.acc.dev_forwards)
+        if f > len(sizes):
+            return (f"{f} compiled forwards in one step; the monitor keeps the sizes of at most "
+                    f"{len(self.acc.dev_sizes)}")
+        names = list(self.coverage.layers)
+        off = [f"{names[i]} ({h})" for i, h in enumerate(hits) if h != f]
+        if off:
+            return (f"under torch.compile each of the step's {f} forwards must reach every "
+                    f"covered layer's backward once, but these layers' backwards ran another "
+                    f"number of times: {', '.join(off[:5])}. Run forwards whose backward never "
+                    "runs under torch.no_grad(); backward passes that are not training steps "
+                    "do not belong in a compiled step")
+        start = 0
+        for b in sizes:
+            self._fid += 1
+            fwd = Forward(self._fid, torch.arange(start, start + b, device=self.acc.device), b)
+            fwd.seen = True
+            self._forwards.append(fwd)
+            start += b
+        return True
 
     def _coverage_changed(self) -> str | None:
         """When the trainable parameters changed since the monitor was built (a layer unfrozen,

@@ -102,6 +102,9 @@ class Rule:
     replaces_forward: bool = False
     #: whether the rule also accounts for the parameters of the module's children
     claims_children: bool = False
+    #: whether :meth:`capture` and :meth:`collect` trace into a torch.compile graph (pure tensor
+    #: ops, no host reads): the compiled path of :mod:`gradstats.traced` may use the rule
+    traceable: bool = False
 
     def check(self, module: nn.Module, name: str) -> None:
         """Raises ValueError, naming the module and option, for configurations not handled."""

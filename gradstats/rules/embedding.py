@@ -80,6 +80,7 @@ class EmbeddingRule(Rule):
     ``max_norm`` and ``sparse`` honoured)."""
 
     broadcast_inputs = True
+    traceable = True
 
     def capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
         ids = inputs[0]
@@ -109,7 +110,8 @@ class EmbeddingRule(Rule):
         if pad is not None:  # one segment past every real key (owner B), dropped below
             key = key.masked_fill(pad, B * V)
         keys, sq = segment_sq_norms(key, g.to(dt),
-                                    fixed_size=ids.is_cuda if fixed_size is None else fixed_size)
+                                    fixed_size=(ids.is_cuda or torch.compiler.is_compiling())
+                                    if fixed_size is None else fixed_size)
         scale = _scale(module, ids, dt)
         if scale is not None:
             sq = sq * scale[keys.remainder(V)].square()

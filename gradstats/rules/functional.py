@@ -189,6 +189,7 @@ class FunctionLevel:
         axis = lay.axis + (out_dim - X.dim())  # the batch's dim in the output
         for i, Y, d, kind, k in plans:
             self._count(d, fwd)
+            self.hooks.note_meet(d, kind, k, out_dim - Y.dim(), axis, fwd)
             new[i] = self._tapped(Y, d, kind, k, out_dim, axis, fwd)
         a, kw = tree_unflatten(new, spec)
         return func(*a, **kw)

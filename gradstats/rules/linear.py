@@ -43,6 +43,7 @@ def linear_collect(A: torch.Tensor, G: torch.Tensor, sink: Sink, weight: str = "
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     supports_fused = True
+    traceable = True
     batch_dim_movable = True
 
     def collect(self, module, saved, grad_output, sink):

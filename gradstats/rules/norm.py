@@ -39,6 +39,8 @@ class _AffineNormRule(Rule):
     as ``[B, R, K]`` (``reduce_dim=1``) or ``[B, K, R]`` (``reduce_dim=2``); the offset
     broadcasts against them."""
 
+    traceable = True
+
     def layout(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float, int]:
         raise NotImplementedError
