@@ -111,25 +111,32 @@ def learn(hooks, forwards, eligible: str | None) -> str | None:
 def _wrap_root(hooks) -> None:
     """Starts compiled forwards inside the root's own forward rather than in its pre-hook, so
     that dynamo traces them into the forward's graph (a pre-hook is a frame of its own)."""
+    import functools
+    import types
     import weakref
 
     model = hooks.model
-    if "forward" in vars(model) and getattr(vars(model)["forward"], "_gradstats_root", False):
-        return
     own = vars(model).get("forward")  # an instance-level forward another library installed
+    if getattr(own, "_gradstats_root", False):
+        return
     ref = weakref.ref(hooks)
 
-    def forward(*args, **kwargs):
+    # a method, so that a deepcopy of the model is bound to the copy (which runs plainly); the
+    # signature stays the model's (inspect follows __wrapped__): trainers read it
+    @functools.wraps(type(model).forward if own is None else getattr(own, "__func__", own))
+    def forward(self, *args, **kwargs):
         h = ref()
-        if torch.compiler.is_compiling() and h is not None and h.plan == "ready":
+        if h is None or h.model is not self:
+            return type(self).forward(self, *args, **kwargs)
+        if torch.compiler.is_compiling() and h.plan == "ready":
             root(h, args, kwargs)
         if own is not None:
             return own(*args, **kwargs)
-        return type(model).forward(model, *args, **kwargs)
+        return type(self).forward(self, *args, **kwargs)
 
     forward._gradstats_root = True
     forward._gradstats_own = own
-    model.forward = forward
+    model.forward = types.MethodType(forward, model)
 
 
 def unwrap_root(model) -> None:

@@ -6,6 +6,7 @@ not cover are refused by name, and a forward whose backward never runs is report
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -237,6 +238,7 @@ def test_plan_is_learned_by_the_first_compiled_step_without_prepare():
     mon = GradStatsMonitor(prob.model)
     ref = GradStatsMonitor(eager_prob.model)
     f = torch.compile(prob.model)
+    sig = inspect.signature(prob.model.forward)
     for step in range(3):
         x, y = prob.batch(5 + step)
         eager_prob.batch(5 + step)
@@ -250,6 +252,17 @@ def test_plan_is_learned_by_the_first_compiled_step_without_prepare():
         assert math.isclose(st.tr_sigma, want.tr_sigma, rel_tol=1e-9)
         for m in (prob.model, eager_prob.model):
             m.zero_grad()
+    # the root's forward, wrapped for the compiled path, keeps its signature; a deepcopy of the
+    # watched model runs as a plain model (nothing reaches this monitor's accumulators)
+    assert inspect.signature(prob.model.forward) == sig
+    twin = copy.deepcopy(prob.model)
+    x, y = prob.batch(4)
+    prob.loss(torch.compile(twin)(x), y).backward()
+    assert int(mon.acc.dev_forwards) == 0 and int(mon.acc.hits.sum()) == 0
+    for p in twin.parameters():
+        p.grad = None
+    mon.detach()
+    assert "forward" not in vars(prob.model)
 
 
 def test_measure_every_leaves_compiled_steps_idle():
