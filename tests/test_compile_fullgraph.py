@@ -279,3 +279,36 @@ def test_measure_every_leaves_compiled_steps_idle():
         st = mon.step()
         assert st.measured == (step % 2 == 0)
         prob.model.zero_grad()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "fused"])
+def test_hf_bert_compiles_fullgraph_exactly(mode: str):
+    """HF BertForSequenceClassification (its own ``labels=`` loss, the ``[1, T]`` position-ids
+    and token-type buffers) takes the compiled path: one graph, per-example norms equal to
+    per-example autograd."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    seed = torch.seed() % 2**31
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    model = transformers.BertForSequenceClassification(cfg).double()
+    plain = copy.deepcopy(model)
+    mon = GradStatsMonitor(model, mode=mode)
+    gen = torch.Generator().manual_seed(seed)
+    mon.prepare_compile(input_ids=torch.randint(0, 64, (3, 8), generator=gen))
+    f, graphs = _compiled(model, inductor=False)
+    for B in (4, 6):
+        ids = torch.randint(0, 64, (B, 8), generator=gen)
+        labels = torch.randint(0, 2, (B,), generator=gen)
+        f(input_ids=ids, labels=labels).loss.backward()
+        st = mon.step()
+        want = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(
+            plain(input_ids=ids[i:i + 1], labels=labels[i:i + 1]).loss,
+            list(plain.parameters()))) for i in range(B)])
+        torch.testing.assert_close(st.per_example_sq_norms, want, rtol=1e-9, atol=1e-14)
+        model.zero_grad()
+    assert len(graphs) == 2  # the first batch size, then a dynamic one
+    mon.detach()
