@@ -142,7 +142,7 @@ def test_fullgraph_statistics_match_per_example_autograd(name: str, mode: str):
                            probe_every=2)
     mon.prepare_compile(prob.batch(3)[0])
     assert all(p.grad is None for p in model.parameters())
-    f, graphs = _compiled(model, inductor=name == "attn" and mode == "fused")
+    f, graphs = _compiled(model, inductor=name == "mlp" and mode == "fused")
     # micro-batch sizes per step; warm-up: a static batch, then dynamic ones with and without
     # the probe (each a graph); after it, nothing recompiles
     # (a new batch size or micro-batch count forces the probe on the step after it)
