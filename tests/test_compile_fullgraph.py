@@ -18,29 +18,17 @@ from gradstats import GradStatsMonitor
 
 pytest.importorskip("torch._inductor")
 from torch._inductor.compile_fx import compile_fx  # noqa: E402
+from test_compile import TinyGPT  # noqa: E402
 
 
-class Attn(nn.Module):
-    """A pre-norm transformer: Embedding, LayerNorm, RMSNorm, SDPA attention, an MLP."""
+class Attn(TinyGPT):
+    """tests/test_compile.py's transformer untied, with an RMSNorm: token and batch-free
+    position embeddings, LayerNorm, RMSNorm, SDPA attention, an MLP."""
 
     def __init__(self, vocab: int, d: int, heads: int):
-        super().__init__()
-        self.wte = nn.Embedding(vocab, d)
-        self.ln1, self.ln2, self.lnf = nn.LayerNorm(d), nn.RMSNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 2 * d), nn.Linear(2 * d, d, bias=False)
+        super().__init__(vocab, d, T=6, heads=heads)
+        self.ln2 = nn.RMSNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
-        self.heads = heads
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        B, T = idx.shape
-        x = self.wte(idx)
-        q, k, v = self.qkv(self.ln1(x)).split(x.shape[-1], dim=2)
-        q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, T, -1))
-        x = x + self.out(F.gelu(self.fc(self.ln2(x))))
-        return self.head(self.lnf(x))
 
 
 def _mlp(gen: torch.Generator) -> nn.Module:
