@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -299,4 +300,43 @@ def test_hf_bert_compiles_fullgraph_exactly(mode: str):
         torch.testing.assert_close(st.per_example_sq_norms, want, rtol=1e-9, atol=1e-14)
         model.zero_grad()
     assert len(graphs) == 2  # the first batch size, then a dynamic one
+    mon.detach()
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.ln, self.b, self.c = (nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 8),
+                                           nn.Linear(8, 3))
+
+    def block(self, x):
+        return torch.tanh(self.b(self.ln(torch.tanh(self.a(x)))))
+
+    def forward(self, x):
+        return self.c(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "fused"])
+def test_activation_checkpointing_inside_the_graph(mode: str):
+    """A non-reentrant checkpointed block in the compiled graph: its recomputation re-runs the
+    taps' forwards (no side effects) and each backward writes once: per-example autograd."""
+    torch._dynamo.reset()
+    seed = torch.seed() % 2**31
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = Checkpointed().double()
+    plain = copy.deepcopy(model)
+    mon = GradStatsMonitor(model, mode=mode)
+    mon.prepare_compile(torch.randn(3, 5, dtype=torch.float64, generator=gen))
+    f, _ = _compiled(model, inductor=False)
+    for B in (4, 6, 5):
+        x = torch.randn(B, 5, dtype=torch.float64, generator=gen)
+        y = torch.randint(0, 3, (B,), generator=gen)
+        F.cross_entropy(f(x), y).backward()
+        st = mon.step()
+        want = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(
+            F.cross_entropy(plain(x[i:i + 1]), y[i:i + 1]), list(plain.parameters())))
+            for i in range(B)])
+        torch.testing.assert_close(st.per_example_sq_norms, want, rtol=1e-9, atol=1e-14)
+        model.zero_grad()
     mon.detach()
