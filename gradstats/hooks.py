@@ -267,9 +267,13 @@ class Hooks:
             return
         self.fwd = self.begin_forward(args, kwargs)
         if self.fwd is not None:
-            first = next(tensor_leaves((args, kwargs)), None)
-            if first is None or first.dim() == 0 or first.shape[0] != self.fwd.batch:
-                self.plain_root = False  # the compiled path takes the batch from this tensor
+            # the compiled path takes the batch from this tensor, found by traced's own walk
+            # (plain containers only): an input it would not find, or find another way, never
+            # lets the plan become ready
+            first = next(traced.tensors((args, kwargs)), None)
+            if (first is None or first is not next(tensor_leaves((args, kwargs)), None)
+                    or first.dim() == 0 or first.shape[0] != self.fwd.batch):
+                self.plain_root = False
         if self.fwd is not None and self._mode_depth == 0:
             self.provenance.begin(self.fwd.batch)
             if self.batch_dim:

@@ -153,7 +153,7 @@ def root(hooks, args: tuple, kwargs: dict) -> None:
     hooks.traced_rows = None
     if not hooks.measuring or hooks.paused or not torch.is_grad_enabled():
         return
-    x = next(iter(_leaves((args, kwargs))))
+    x = next(tensors((args, kwargs)))
     B = x.shape[0]
     units = hooks.units
     factor = torch.ones((), dtype=torch.float64, device=hooks.acc.device)
@@ -164,15 +164,16 @@ def root(hooks, args: tuple, kwargs: dict) -> None:
     units.on_forward()
 
 
-def _leaves(obj):
+def tensors(obj):
+    """The tensors in ``obj`` through tuples, lists and dicts only (what dynamo traces here)."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _leaves(v)
+            yield from tensors(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _leaves(v)
+            yield from tensors(v)
 
 
 def _ready(key: int, module):
