@@ -49,14 +49,22 @@ class Accumulators:
         self.dev_sizes = torch.zeros(MAX_TRACED_FORWARDS, dtype=torch.int64)
         # per covered layer: its backwards in compiled graphs this step (gradstats.traced)
         self.hits = torch.zeros(0, dtype=torch.int64)
+        self.fast_sizes: list[int] = []  # eager forwards on the traced path (gradstats.traced)
+        self.fast_hits: list[int] = []  # and each layer's backwards there
 
     @property
     def capacity(self) -> int:
         return self.E.shape[1]
 
-    def begin_forward(self, batch: int, reduction: float | torch.Tensor) -> torch.Tensor:
+    def begin_forward(self, batch: int, reduction: float | torch.Tensor,
+                      traced: bool = False) -> torch.Tensor:
         """Columns ``[batch]`` for the examples of a forward that starts now; records their
-        reduction factor."""
+        reduction factor. ``traced``: a forward on the traced path (:mod:`gradstats.traced`),
+        whose size ``step()`` reads from :meth:`traced` rather than from a forward record."""
+        if traced and not torch.compiler.is_compiling():
+            rows = self.begin_forward(batch, reduction)
+            self.fast_sizes.append(batch)
+            return rows
         if torch.compiler.is_compiling():
             rows = self.dev_count + torch.arange(batch, device=self.device)
             rows = rows.clamp_max(self.capacity - 1)  # overflow: found and reported in step()
@@ -90,11 +98,16 @@ class Accumulators:
         n = self.count + n_dev
         return n, self.forwards + int(self.dev_forwards), n > self.capacity
 
-    def traced(self) -> tuple[list[int], list[int]]:
-        """``(sizes, hits)``: the batch sizes of this step's compiled forwards (at most
-        ``MAX_TRACED_FORWARDS``) and each layer's backwards counted in compiled graphs."""
+    def traced(self) -> tuple[list[int], int, list[int]]:
+        """``(sizes, forwards, hits)``: the batch sizes of this step's forwards on the traced
+        path (compiled ones: at most ``MAX_TRACED_FORWARDS`` kept), their number, and each
+        layer's backwards counted on that path."""
+        if self.fast_sizes:
+            return list(self.fast_sizes), len(self.fast_sizes), list(self.fast_hits)
         f = int(self.dev_forwards)
-        return self.dev_sizes[:min(f, MAX_TRACED_FORWARDS)].tolist(), self.hits.tolist()
+        if f == 0:
+            return [], 0, []
+        return self.dev_sizes[:min(f, MAX_TRACED_FORWARDS)].tolist(), f, self.hits.tolist()
 
     def reset(self, grow_to: int = 0) -> None:
         """Zeroes what this step wrote (and grows the buffers for the next one if asked)."""
@@ -103,6 +116,8 @@ class Accumulators:
         self.r[:n].zero_()
         self.P.zero_()
         self.count = self.forwards = 0
+        self.fast_sizes.clear()
+        self.fast_hits = [0] * len(self.hits)
         self.dev_count.zero_()
         self.dev_forwards.zero_()
         self.hits.zero_()

@@ -44,6 +44,10 @@ _INSTALLED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, LayerState]] = (
     weakref.WeakKeyDictionary())
 
 
+RECOMPUTED = ("a covered layer's forward ran inside backward (activation checkpointing "
+              "recomputes it)")
+
+
 class Forward:
     """One counted forward of the root module: its index in the step and its examples'
     accumulator columns."""
@@ -118,6 +122,10 @@ class Hooks:
         self.handles: list[Any] = []
         # the compiled path (gradstats.traced): its plan, and what the eager path learns for it
         self.plan = "learning"  # "ready": compiled forwards take gradstats.traced; or "never"
+        self.never_why: str | None = None
+        self.fast = False  # this step's eager forwards take gradstats.traced too (the monitor)
+        self.no_fast: str | None = None  # why eager steps never take it (found on the way)
+        self.spoiled: str | None = None  # why this fast-path step cannot be measured
         self.plain: dict[tuple[int, int], int] = {}  # (layer, fid) -> uses on a dim-0 batch
         self.plain_root = True
         self.free: dict[tuple[int, int], tuple] = {}  # (layer, fid) -> forms of its meets
@@ -126,6 +134,7 @@ class Hooks:
         self.traced_batch: Any = None
         self.units: Any = None  # the monitor's LossUnits
         acc.hits = torch.zeros(len(coverage.layers), dtype=torch.int64)
+        acc.fast_hits = [0] * len(coverage.layers)
         self._vectors = {id(layer): {k: p.vectors for k, p in layer.params.items()}
                          for layer in coverage.layers.values()}
         self._slots = {id(layer): layer.slots for layer in coverage.layers.values()}
@@ -194,17 +203,26 @@ class Hooks:
         wake, refresh, enter, on_forward = map(_eager, (wake, refresh, enter, on_forward))
         eager_pre, eager_post = _eager(root_pre), _eager(root_post)
 
-        # with the plan ready, compiled forwards trace gradstats.traced instead: no breaks
+        # with the plan ready, compiled forwards trace gradstats.traced instead: no breaks; so
+        # do the eager forwards of a fast-path step
         def root_pre(module, args, kwargs):
             hooks = ref()
-            if torch.compiler.is_compiling() and hooks is not None and hooks.plan == "ready":
-                return None  # traced.root runs inside the root's forward
+            if hooks is not None and hooks.plan == "ready" and module is hooks.model:
+                if torch.compiler.is_compiling():
+                    return None  # traced.root runs inside the root's forward
+                if hooks.fast:
+                    traced.root(hooks, args, kwargs)
+                    return None
             return eager_pre(module, args, kwargs)
 
         def root_post(module, args, kwargs, output):
             hooks = ref()
-            if torch.compiler.is_compiling() and hooks is not None and hooks.plan == "ready":
-                return None
+            if hooks is not None and hooks.plan == "ready" and module is hooks.model:
+                if torch.compiler.is_compiling():
+                    return None
+                if hooks.fast:
+                    hooks.traced_rows = None  # a layer called on its own later is not counted
+                    return None
             return eager_post(module, args, kwargs, output)
 
         traced.register(ref, self.coverage.layers.values())
@@ -298,6 +316,7 @@ class Hooks:
         self.plain.clear()
         self.free.clear()
         self.plain_root = True
+        self.spoiled = None
 
     def _sink(self, layer: LayerState, fwd: Forward) -> Sink:
         vectors = self._vectors[id(layer)] if self.probing else None
@@ -312,6 +331,8 @@ class Hooks:
             return None
         key = (id(layer), fwd.fid)
         call = self.calls.get(key, 0)
+        if torch._C._current_graph_task_id() != -1:
+            self.no_fast = RECOMPUTED
         if not in_recomputation():
             # also under no_grad (reentrant checkpointing's first forward): a layer whose later
             # recomputed uses need cross terms must know it is called more than once

@@ -212,6 +212,7 @@ class GradStatsMonitor:
             raise RuntimeError("monitor.same_examples() blocks do not nest")
         self._views = [None]
         plan, self.hooks.plan = self.hooks.plan, "learning"  # the compiled path has no views
+        self.hooks.no_fast, self.hooks.fast = "monitor.same_examples()", False
         try:
             yield
         finally:
@@ -246,8 +247,12 @@ class GradStatsMonitor:
         """Decides before the next step's forwards whether they are measured and probed."""
         measured = self._steps % self.measure_every == 0
         self.hooks.measuring = measured
-        self._probing = measured and self.check_contract and self.schedule.due(self._measured)
+        full = measured and self.schedule.due(self._measured)
+        self._probing = full and self.check_contract
         self.hooks.probing = self._probing
+        # between schedule steps a learned layout takes the fast path (gradstats.traced)
+        self.hooks.fast = (measured and not full and self.hooks.plan == "ready"
+                           and self.hooks.no_fast is None and self._views is None)
         self._forwards: list[Forward] = []
 
     def _world_size(self) -> int:
@@ -353,24 +358,29 @@ class GradStatsMonitor:
     def _traced_forwards(self) -> bool | str:
         """Turns this step's compiled forwards (:mod:`gradstats.traced`) into forward records;
         False when there were none, a reason when their counts do not add up."""
-        sizes, hits = self.acc.traced()
+        sizes, f, hits = self.acc.traced()
         if not sizes:
             return False
+        fast = bool(self.acc.fast_sizes)
+        if fast and self.hooks.spoiled is not None:
+            return self.hooks.spoiled
         if self._forwards:
             return ("this step mixed eager and compiled forwards of the model; the monitor "
                     "measures steps whose forwards are all one or the other")
-        f = int(self.acc.dev_forwards)
         if f > len(sizes):
             return (f"{f} compiled forwards in one step; the monitor keeps the sizes of at most "
                     f"{len(self.acc.dev_sizes)}")
         names = list(self.coverage.layers)
         off = [f"{names[i]} ({h})" for i, h in enumerate(hits) if h != f]
         if off:
-            return (f"under torch.compile each of the step's {f} forwards must reach every "
-                    f"covered layer's backward once, but these layers' backwards ran another "
-                    f"number of times: {', '.join(off[:5])}. Run forwards whose backward never "
-                    "runs under torch.no_grad(); backward passes that are not training steps "
-                    "do not belong in a compiled step")
+            where = "on the fast path (now off)" if fast else "under torch.compile"
+            if fast:
+                self.hooks.no_fast = "a fast-path step's backward counts did not add up"
+            return (f"{where} each of the step's {f} forwards must reach every covered layer's "
+                    f"backward once, but these layers' backwards ran another number of times: "
+                    f"{', '.join(off[:5])}. Run forwards whose backward never runs under "
+                    "torch.no_grad(); backward passes that are not training steps do not belong "
+                    "in a training step")
         start = 0
         for b in sizes:
             self._fid += 1

@@ -23,6 +23,12 @@ the model's layout is known it needs neither, and compiled forwards take this pa
   ``step()`` requires every layer's count to equal the number of compiled forwards (each
   forward's backward reached each layer once) and reports the step unmeasured otherwise.
 
+* **eager steps.** Between probe steps (the monitor's probe schedule) eager forwards take
+  this path too (``hooks.fast``): the same Functions, run eagerly, with the counts kept in
+  Python (``Accumulators.fast_sizes`` / ``fast_hits``). Every schedule step runs the full path
+  and re-checks the plan with :func:`learn`; a forward recomputed inside backward (activation
+  checkpointing) or counts that do not add up turn the eager use off for good.
+
 What the plan cannot see: a model whose layout changes after the learning step in a way that
 keeps every input's dim 0 the batch size (a layer that starts getting batch-free inputs of a
 size equal to the batch). The contract probe still runs on its schedule.
@@ -54,29 +60,49 @@ def unregister(layers) -> None:
 
 
 def learn(hooks, forwards, eligible: str | None) -> str | None:
-    """Marks the plan ready when this step's eager-path forwards fit it (see the module
-    docstring); ``eligible``: why the monitor's configuration cannot fit it, or None. Returns why
+    """Checks this step's eager-path forwards against the plan (see the module docstring) and
+    marks it ready when they fit; a ready plan whose forwards no longer fit goes back to
+    learning. ``eligible``: why the monitor's configuration cannot fit it, or None. Returns why
     the plan is not ready (None: ready); gives up for good on a configuration that never fits."""
-    if hooks.plan == "ready":
-        return None
-    never = eligible
-    if never is None and hooks.batch_dim:
-        never = f"batch_dim={hooks.batch_dim}"
-    if never is None and hooks.coverage.functional:
-        names = sorted(st.qualname for st in hooks.coverage.functional.values())
-        never = f"parameters covered at the function level ({', '.join(names[:3])})"
-    for layer in hooks.coverage.layers.values():
-        if never is None and layer.shared:
-            never = f"{layer.name} shares a parameter with another layer"
-        if never is None and not getattr(layer.rule, "traceable", False):
-            never = f"{layer.name} ({type(layer.module).__name__}) has a rule without a traced form"
-    if never is not None:
-        hooks.plan = "never"
-        return never
+    if hooks.plan == "never":
+        return hooks.never_why
+    why = _never(hooks, eligible)
+    if why is not None:
+        hooks.plan, hooks.never_why = "never", why
+        return why
     if not forwards:
         return "no counted forward and backward"
+    why, treatment = _fit(hooks, forwards)
+    if why is not None:
+        hooks.plan = "learning"
+        return why
+    hooks.treatment = treatment
+    if hooks.plan != "ready":
+        hooks.plan = "ready"
+        _wrap_root(hooks)
+    return None
+
+
+def _never(hooks, eligible: str | None) -> str | None:
+    if eligible is not None:
+        return eligible
+    if hooks.batch_dim:
+        return f"batch_dim={hooks.batch_dim}"
+    if hooks.coverage.functional:
+        names = sorted(st.qualname for st in hooks.coverage.functional.values())
+        return f"parameters covered at the function level ({', '.join(names[:3])})"
+    for layer in hooks.coverage.layers.values():
+        if layer.shared:
+            return f"{layer.name} shares a parameter with another layer"
+        if not getattr(layer.rule, "traceable", False):
+            return f"{layer.name} ({type(layer.module).__name__}) has a rule without a traced form"
+    return None
+
+
+def _fit(hooks, forwards) -> tuple[str | None, dict[int, str]]:
+    """Why the forwards do not fit the plan (None: they do), and each layer's form."""
     if not hooks.plain_root:
-        return "the root's first tensor argument does not carry the batch in dim 0"
+        return "the root's first tensor argument does not carry the batch in dim 0", {}
     treatment: dict[int, str] = {}
     free_slots = set()
     for layer in hooks.coverage.layers.values():
@@ -85,7 +111,7 @@ def learn(hooks, forwards, eligible: str | None) -> str | None:
             key = (id(layer), f.fid)
             calls = hooks.calls.get(key, 0)
             if calls != 1:
-                return f"{layer.name} ran {calls} times in one forward"
+                return f"{layer.name} ran {calls} times in one forward", {}
             if hooks.plain.get(key, 0) == 1:
                 forms.add("plain")
                 continue
@@ -93,19 +119,16 @@ def learn(hooks, forwards, eligible: str | None) -> str | None:
             if len(meets) != 1 or meets[0] is None:
                 return (f"{layer.name} got an input without the batch in dim 0 (batch-free, "
                         "moved, or computed from parameters) and its output did not meet the "
-                        "batch once, as it is, in a broadcasting op")
+                        "batch once, as it is, in a broadcasting op"), {}
             forms.add(meets[0])
             free_slots.update((p.slot, f.fid) for p in layer.params.values())
         if len(forms) != 1:
-            return f"{layer.name} was used in different ways by different forwards"
+            return f"{layer.name} was used in different ways by different forwards", {}
         treatment[id(layer)] = forms.pop()
     extra = {k: n for k, n in hooks.uses.items() if k not in free_slots or n != 1}
     if extra or hooks.stash:
-        return "parameters were used outside their layers"
-    hooks.treatment = treatment
-    hooks.plan = "ready"
-    _wrap_root(hooks)
-    return None
+        return "parameters were used outside their layers", {}
+    return None, treatment
 
 
 def _wrap_root(hooks) -> None:
@@ -153,14 +176,22 @@ def root(hooks, args: tuple, kwargs: dict) -> None:
     hooks.traced_rows = None
     if not hooks.measuring or hooks.paused or not torch.is_grad_enabled():
         return
-    x = next(tensors((args, kwargs)))
+    eager = not torch.compiler.is_compiling()
+    if eager and (not hooks.counting() or torch._C._current_graph_task_id() != -1):
+        return
+    x = next(tensors((args, kwargs)), None)
+    if x is None or x.dim() == 0:
+        return
     B = x.shape[0]
     units = hooks.units
-    factor = torch.ones((), dtype=torch.float64, device=hooks.acc.device)
-    if units.reduction_kind == "mean":
-        factor = factor / B  # a tensor: a Python float of B would specialise the graph on it
+    if eager:
+        factor = 1.0 / B if units.reduction_kind == "mean" else 1.0
+    else:
+        factor = torch.ones((), dtype=torch.float64, device=hooks.acc.device)
+        if units.reduction_kind == "mean":
+            factor = factor / B  # a tensor: a Python float of B would specialise the graph
     hooks.traced_batch = B
-    hooks.traced_rows = hooks.acc.begin_forward(B, factor)
+    hooks.traced_rows = hooks.acc.begin_forward(B, factor, traced=True)
     units.on_forward()
 
 
@@ -177,15 +208,15 @@ def tensors(obj):
 
 
 def _ready(key: int, module):
-    """``(hooks, layer)`` when ``module`` runs inside a compiled graph with the plan ready (see
-    :mod:`gradstats.traced`), else None (a copy of a watched module never matches)."""
-    if not torch.compiler.is_compiling():
-        return None
+    """``(hooks, layer)`` when ``module`` runs on the traced path: inside a compiled graph with
+    the plan ready, or in a fast-path eager step (``hooks.fast``); else None (a copy of a
+    watched module never matches)."""
     entry = _ENTRIES.get(key)
     if entry is None:
         return None
     hooks = entry[0]()
-    if hooks is None or hooks.plan != "ready" or entry[1].module is not module:
+    if (hooks is None or hooks.plan != "ready" or entry[1].module is not module
+            or not (hooks.fast or torch.compiler.is_compiling())):
         return None
     return hooks, entry[1]
 
@@ -238,6 +269,7 @@ def tap(hooks, layer, inputs: tuple, output: Any) -> Any:
     rows = hooks.traced_rows
     if rows is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
         return None
+    _recomputing(hooks)
     saved = layer.rule.capture(layer.module, inputs, output)
     form = hooks.treatment.get(id(layer), "plain")
     if form != "plain":
@@ -251,13 +283,26 @@ def tap(hooks, layer, inputs: tuple, output: Any) -> Any:
     return _Tap.apply(output, rows, id(layer), hooks.probing, *saved)
 
 
+def _recomputing(hooks) -> None:
+    """An eager fast-path layer recomputed inside backward (activation checkpointing) would
+    write the columns of whichever forward ran last: the step is not measured, and eager steps
+    keep the full path from now on."""
+    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        from .hooks import RECOMPUTED
+
+        hooks.no_fast = hooks.spoiled = RECOMPUTED
+
+
 def _sink(hooks, layer, rows: torch.Tensor, probing: bool) -> Sink:
     vectors = {k: p.vectors for k, p in layer.params.items()} if probing else None
     return Sink(hooks.acc.E, hooks.acc.P, rows, layer.slots, vectors, hooks.strategy)
 
 
 def _hit(hooks, index: int) -> None:
-    hooks.acc.hits[index] += 1
+    if torch.compiler.is_compiling():
+        hooks.acc.hits[index] += 1
+    else:
+        hooks.acc.fast_hits[index] += 1
 
 
 class _Tap(torch.autograd.Function):
@@ -275,7 +320,8 @@ class _Tap(torch.autograd.Function):
         rows, *saved = ctx.saved_tensors
         ref, layer, index = _ENTRIES[ctx.key]
         hooks = ref()
-        layer.rule.collect(layer.module, tuple(saved), grad.detach(),
+        saved = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in saved)
+        layer.rule.collect(layer.module, saved, grad.detach(),
                            _sink(hooks, layer, rows, ctx.probing))
         _hit(hooks, index)
         return (grad, None, None, None) + (None,) * len(saved)
@@ -287,6 +333,7 @@ def fused_linear(hooks, layer, x: torch.Tensor) -> torch.Tensor:
     rows = hooks.traced_rows
     if rows is None:
         return F.linear(x, m.weight, m.bias)
+    _recomputing(hooks)
     return _TracedLinear.apply(x, m.weight, m.bias, rows, id(layer), hooks.probing)
 
 
@@ -320,7 +367,7 @@ class _TracedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x.dtype)
         if need_w or need_b:
-            dW, db = _fused_collect(x)(x, grad_out, sink.E, sink.P, rows, slot_w, slot_b,
+            dW, db = _fused_collect(x)(x.detach(), grad_out.detach(), sink.E, sink.P, rows, slot_w, slot_b,
                                        xw, yw, vb, sink.strategy)
             dW = dW.to(weight.dtype) if need_w else None
             db = db.to(weight.dtype) if need_b else None
