@@ -221,7 +221,9 @@ class Hooks:
                 if torch.compiler.is_compiling():
                     return None
                 if hooks.fast:
-                    hooks.traced_rows = None  # a layer called on its own later is not counted
+                    # traced_rows stays: a checkpointed segment recomputed in backward needs
+                    # its Functions back (traced._recomputing spoils the step); a layer called
+                    # on its own later shows in the counts
                     return None
             return eager_post(module, args, kwargs, output)
 

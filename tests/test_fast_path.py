@@ -72,13 +72,16 @@ def test_forward_without_backward_turns_the_fast_path_off():
 
 
 class Ckpt(nn.Module):
-    def __init__(self):
+    def __init__(self, ckpt: bool = True):
         super().__init__()
         self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.ckpt = ckpt
 
     def forward(self, x):
-        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.b(torch.tanh(self.a(t)))),
-                                              x, use_reentrant=False)
+        def seg(t):
+            return torch.tanh(self.b(torch.tanh(self.a(t))))
+
+        h = torch.utils.checkpoint.checkpoint(seg, x, use_reentrant=False) if self.ckpt else seg(x)
         return self.c(h)
 
 
@@ -104,3 +107,34 @@ def test_checkpointing_keeps_the_full_path(mode: str):
         torch.testing.assert_close(stats.per_example_sq_norms, torch.stack(want))
         for p in model.parameters():
             p.grad = None
+
+
+@pytest.mark.parametrize("mode", ["hooks", "fused"])
+def test_checkpointing_switched_on_during_fast_steps_is_never_counted(mode: str):
+    torch.manual_seed(6)
+    model = Ckpt(ckpt=False).double()
+    mon = GradStatsMonitor(model, mode=mode, loss_reduction="sum", accumulation="sum",
+                           probe_warmup=1, probe_every=0)
+    xs = [torch.randn(B, 4, dtype=torch.float64) for B in (3, 5)]
+
+    def step():
+        for x in xs:
+            model(x).square().sum().backward()
+        stats = mon.step()
+        for p in model.parameters():
+            p.grad = None
+        return stats
+
+    step(), step()
+    assert mon.hooks.fast
+    model.ckpt = True
+    stats = step()
+    assert not stats.measured and "inside backward" in stats.skip_reason
+    assert not mon.hooks.fast
+    ref = __import__("copy").deepcopy(model)
+    stats = step()
+    want = torch.stack([sum(t.square().sum() for t in torch.autograd.grad(
+        ref(x[i:i + 1]).square().sum(), list(ref.parameters())))
+        for x in xs for i in range(x.shape[0])])
+    assert stats.measured
+    torch.testing.assert_close(stats.per_example_sq_norms, want)
